@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the package definition or the frozen versions change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	test -d .git || git init -q
+	test -d .dvc || $(BIN)/dvc init -q
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/restorl repro
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/sft_speed.py
+
+clean:
+	rm -rf data/prepared checkpoints metrics plots mlflow.db mlartifacts .restorl

@@ -1,0 +1,65 @@
+"""Resumable training state, saved and restored the same way by every training stage.
+
+A state file holds the step, every `state_dict`-bearing object (model, optimiser, LR
+schedule, EMA), all RNG states and any running statistics, plus a fingerprint of the inputs.
+A state whose fingerprint differs from the current run's (other params or data) is ignored,
+so a changed config never silently resumes a stale run.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_file
+
+STATE_FILE = "state.pt"
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+             "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(directory: Path, *, fingerprint: str, step: int, objects: dict[str, Any],
+               generator: torch.Generator, stats: dict[str, Any]) -> None:
+    payload = {"fingerprint": fingerprint, "step": step, "rng": rng_state(generator), "stats": stats,
+               "objects": {name: obj.state_dict() for name, obj in objects.items()}}
+    with atomic_file(Path(directory) / STATE_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_state(directory: Path, *, fingerprint: str, objects: dict[str, Any],
+               generator: torch.Generator) -> tuple[int, dict[str, Any]] | None:
+    """Restore objects and RNG in place; return (step, stats), or None to start fresh."""
+    path = Path(directory) / STATE_FILE
+    if not path.exists():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("fingerprint") != fingerprint:
+        print(f"{path}: saved for other params or data; starting fresh")
+        return None
+    for name, obj in objects.items():
+        obj.load_state_dict(payload["objects"][name])
+    restore_rng(payload["rng"], generator)
+    return payload["step"], payload["stats"]
+
+
+def clear_state(directory: Path) -> None:
+    (Path(directory) / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,114 @@
+"""`restorl` command line: one command per stage (what dvc.yaml calls), plus helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+import yaml
+
+from pipeline.config import ConfigError, load_params, load_raw, validate
+from pipeline.data.sources import DataError
+from pipeline.iqa import MetricError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="RL fine-tuning of diffusion image restorers from IQA rewards.")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
+ProfileOpt = typer.Option(None, "--profile", help="profile in profiles/ merged over the params file")
+USER_ERRORS = (ConfigError, DataError, MetricError, FileNotFoundError)
+
+
+def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> None:
+    try:
+        stage(load_params(params_file, profile))
+    except USER_ERRORS as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def prepare(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Cut HQ patches and make their degraded LQ twins (data/prepared)."""
+    from pipeline.stages import prepare as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command()
+def sft(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Train the diffusion restorer with the denoising loss (checkpoints/sft)."""
+    from pipeline.stages import sft as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command()
+def evaluate(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Restore the test split and score it (metrics/evaluate.json, plots/)."""
+    from pipeline.stages import evaluate as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command("params")
+def show_params(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+                output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout")) -> None:
+    """Print (or write) the validated params with a profile merged in."""
+    try:
+        raw = load_raw(params, profile)
+        validate(raw, str(params))
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if output:
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc repro --force")) -> None:
+    """`dvc repro` with every stage's MLflow run nested under one pipeline run; prints results."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.stages.evaluate import format_table
+
+    try:
+        cfg = load_params(params)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    experiment_id = tracking.configure(cfg)
+    with mlflow.start_run(run_name="pipeline", experiment_id=experiment_id,
+                          tags={"restorl.stage": "pipeline", "restorl.git_commit": tracking.git_commit()}) as run:
+        env = os.environ | {tracking.PARENT_RUN_ENV: run.info.run_id}
+        # Stage commands must find the `restorl` next to this interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        code = subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro", *(["--force"] if force else [])],
+                               env=env)
+        if code:
+            mlflow.set_tag("restorl.failed", "true")
+            raise typer.Exit(code)
+    metrics_file = Path("metrics/evaluate.json")
+    if metrics_file.exists():
+        typer.echo("\nTest split (metrics/evaluate.json):")
+        typer.echo(format_table(json.loads(metrics_file.read_text())))
+    typer.echo(f"\nMLflow: {mlflow.get_tracking_uri()}  experiment '{cfg.tracking.experiment}', "
+               f"pipeline run {run.info.run_id}")
+    typer.echo(f"  browse: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

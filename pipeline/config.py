@@ -1,0 +1,248 @@
+"""The one validated schema for params.yaml.
+
+Every knob of every stage lives in params.yaml, grouped by stage. Loading goes through
+`load_params`, so a typo or a wrong type fails before any work starts, with the offending key
+spelled out. Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged on top.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = PROJECT_ROOT / "profiles"
+
+
+class ConfigError(ValueError):
+    """A params file (or an override) is invalid; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime / tracking
+
+
+class RuntimeConfig(Section):
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads; set explicitly, see DESIGN.md")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrackingConfig(Section):
+    # None: $MLFLOW_TRACKING_URI if set, else a SQLite store in the workspace.
+    uri: str | None = None
+    experiment: str = "restorl"
+    registered_model: str = "restorer"
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+class SourceConfig(Section):
+    kind: Literal["skimage", "folder", "pairs"] = "skimage"
+    # folder: a directory of HQ images; pairs: a directory with lq/ and gt/ of equal names.
+    path: str | None = None
+    # skimage only: which bundled images to use (names of functions in skimage.data).
+    images: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _path_matches_kind(self) -> "SourceConfig":
+        if self.kind in ("folder", "pairs") and not self.path:
+            raise ValueError(f"source.path is required when source.kind is '{self.kind}'")
+        if self.kind == "skimage" and not self.images:
+            raise ValueError("source.images must list at least one skimage.data image")
+        return self
+
+
+class SplitConfig(Section):
+    # Split is by source image, never by patch. Explicit names win over fractions.
+    val: list[str] = Field(default_factory=list)
+    test: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+
+
+class TaskConfig(Section):
+    """One degradation family; `weight` is its share when a patch's primary task is drawn."""
+
+    weight: float = Field(1.0, ge=0.0)
+    # Each range is [low, high]; a patch draws its parameter uniformly from it.
+    params: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+
+class DegradationConfig(Section):
+    # Probability that a second, different task is applied after the primary one.
+    mix_prob: float = Field(0.0, ge=0.0, le=1.0)
+    tasks: dict[str, TaskConfig]
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        from pipeline.data.degradations import DEGRADATIONS
+
+        for name, task in tasks.items():
+            if name not in DEGRADATIONS:
+                raise ValueError(f"unknown degradation '{name}'; known: {sorted(DEGRADATIONS)}")
+            known = DEGRADATIONS[name].param_names
+            for param, (lo, hi) in task.params.items():
+                if param not in known:
+                    raise ValueError(f"{name}.params.{param} is not a parameter; known: {known}")
+                if lo > hi:
+                    raise ValueError(f"{name}.params.{param}: low {lo} > high {hi}")
+        if not any(t.weight > 0 for t in tasks.values()):
+            raise ValueError("at least one degradation task needs weight > 0")
+        return tasks
+
+
+class PrepareConfig(Section):
+    source: SourceConfig = SourceConfig(
+        images=["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
+    )
+    split: SplitConfig = SplitConfig()
+    patch_size: int = Field(32, ge=16, description="multiple of 8 (three UNet down-samplings)")
+    patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 64, "val": 16, "test": 16})
+    degradations: DegradationConfig = DegradationConfig(tasks={"gaussian_noise": TaskConfig()})
+
+    @field_validator("patch_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+    @field_validator("patches_per_image")
+    @classmethod
+    def _splits(cls, v: dict[str, int]) -> dict[str, int]:
+        if set(v) != {"train", "val", "test"} or min(v.values()) < 1:
+            raise ValueError("needs train, val and test, each >= 1")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# model / sft / evaluate
+
+
+class ModelConfig(Section):
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    # diffusers' prediction_type: what the UNet outputs.
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "sample"
+    # Diffuse the residual GT - LQ instead of GT itself (the output is LQ + sample).
+    residual: bool = True
+    train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+
+class SamplingConfig(Section):
+    steps: int = Field(10, ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SftConfig(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float | None = Field(0.99, ge=0, lt=1)
+    warmup_steps: int = Field(50, ge=0)
+    augment: bool = True
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class EvaluateConfig(Section):
+    sampling: SamplingConfig = SamplingConfig()
+    batch_size: int = Field(64, ge=1)
+    grid_images: int = Field(8, ge=1)
+    # PSNR/SSIM etc. by pyiqa metric name (full-reference) and no-reference metrics.
+    fr_metrics: list[str] = Field(default_factory=lambda: ["psnr", "ssim"])
+    nr_metrics: list[str] = Field(default_factory=lambda: ["piqe"])
+
+
+class Params(Section):
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    sft: SftConfig = SftConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of the named sections: which settings made an artefact."""
+        blob = json.dumps({n: getattr(self, n).model_dump(mode="json") for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def profile_overrides(profile: str) -> dict[str, Any]:
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile '{profile}' not found at {path}; known profiles: {known}")
+    return read_yaml(path)
+
+
+def validate(raw: dict[str, Any], source: str) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{key}: {msg}")
+        raise ConfigError(f"{source}: invalid params: " + "; ".join(problems)) from None
+
+
+def load_raw(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+    raw = read_yaml(Path(path))
+    if profile:
+        raw = deep_merge(raw, profile_overrides(profile))
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    source = str(path) + (f" (profile {profile})" if profile else "")
+    return validate(load_raw(path, profile), source)

@@ -1,0 +1,58 @@
+"""The prepared patches of one split, loaded whole into memory as [-1, 1] tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data.sources import DataError
+
+
+@dataclass
+class PairedSplit:
+    gt: torch.Tensor  # (N, 3, P, P) in [-1, 1]
+    lq: torch.Tensor
+    samples: list[dict]  # manifest entries, same order
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [s["task"] for s in self.samples]
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found; run the prepare stage first")
+    return json.loads(path.read_text())
+
+
+def _tensor(path: Path) -> torch.Tensor:
+    arr = np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def load_split(data_dir: Path, split: str) -> PairedSplit:
+    data_dir = Path(data_dir)
+    samples = [s for s in read_manifest(data_dir)["samples"] if s["split"] == split]
+    if not samples:
+        raise DataError(f"{data_dir}/manifest.json: no samples in split '{split}'")
+    gt = torch.stack([_tensor(data_dir / s["gt"]) for s in samples])
+    lq = torch.stack([_tensor(data_dir / s["lq"]) for s in samples])
+    return PairedSplit(gt, lq, samples)
+
+
+def random_dihedral(gt: torch.Tensor, lq: torch.Tensor, generator: torch.Generator):
+    """The same random flip/rotation (one of 8) for each GT/LQ pair."""
+    k, flip = torch.randint(0, 4, (1,), generator=generator).item(), torch.rand(1, generator=generator).item() < 0.5
+    gt, lq = torch.rot90(gt, k, (2, 3)), torch.rot90(lq, k, (2, 3))
+    if flip:
+        gt, lq = gt.flip(3), lq.flip(3)
+    return gt, lq

@@ -1,0 +1,87 @@
+"""Where HQ (or ready LQ/GT) images come from: skimage's bundled images or a user folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or folder."""
+
+
+@dataclass
+class SourceImage:
+    name: str
+    gt: np.ndarray  # uint8 (H, W, 3)
+    lq: np.ndarray | None = None  # given only for ready pairs
+
+
+def _rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def load_skimage(names: list[str]) -> list[SourceImage]:
+    import skimage.data
+
+    images = []
+    for name in names:
+        loader = getattr(skimage.data, name, None)
+        if loader is None or not callable(loader):
+            raise DataError(f"prepare.source.images: '{name}' is not an image in skimage.data")
+        try:
+            images.append(SourceImage(name, _rgb(np.asarray(loader()))))
+        except Exception as err:  # e.g. images that skimage would download on demand
+            raise DataError(f"prepare.source.images: skimage.data.{name} could not be loaded "
+                            f"offline: {err}") from None
+    return images
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return _rgb(np.asarray(im.convert("RGB")))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for {sorted(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_folder(folder: Path) -> list[SourceImage]:
+    return [SourceImage(p.stem, read_image(p)) for p in _image_files(folder)]
+
+
+def load_pairs(folder: Path) -> list[SourceImage]:
+    """`folder/gt/NAME.ext` and `folder/lq/NAME.ext` with the same stem and size."""
+    gt_files = {p.stem: p for p in _image_files(folder / "gt")}
+    lq_files = {p.stem: p for p in _image_files(folder / "lq")}
+    for stem in sorted(set(gt_files) ^ set(lq_files)):
+        present = gt_files.get(stem) or lq_files.get(stem)
+        raise DataError(f"{present}: has no counterpart in {folder / ('lq' if stem in gt_files else 'gt')}")
+    images = []
+    for stem in sorted(gt_files):
+        gt, lq = read_image(gt_files[stem]), read_image(lq_files[stem])
+        if gt.shape != lq.shape:
+            raise DataError(f"{lq_files[stem]}: size {lq.shape[1]}x{lq.shape[0]} does not match "
+                            f"{gt_files[stem]} ({gt.shape[1]}x{gt.shape[0]})")
+        images.append(SourceImage(stem, gt, lq))
+    return images

@@ -1,0 +1,51 @@
+"""The restorer as an MLflow pyfunc model: safetensors weights as artifacts, sampler in code.
+
+MLflow 3's default PyTorch serialisation (torch.export) does not survive a sampler with Python
+control flow, so the registered model is the diffusers folder behind a small pyfunc wrapper:
+`mlflow.pyfunc.load_model("models:/restorer@champion").predict(batch)` restores images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0}
+
+
+class RestorerPyfunc(mlflow.pyfunc.PythonModel):
+    """predict(batch): float array (N, H, W, 3) in [0, 1] (or uint8) -> restored float array."""
+
+    def load_context(self, context) -> None:
+        from pipeline.models.restorer import DiffusionRestorer
+
+        self.model = DiffusionRestorer.from_pretrained(Path(context.artifacts["restorer"])).eval()
+
+    def predict(self, context, model_input, params=None):
+        opts = {**SAMPLING_DEFAULTS, **(params or {})}
+        batch = np.asarray(model_input)
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected images of shape (N, H, W, 3), got {batch.shape}")
+        scale = 255.0 if batch.dtype == np.uint8 else 1.0
+        cond = torch.from_numpy(batch.astype(np.float32) / scale).permute(0, 3, 1, 2) * 2 - 1
+        generator = torch.Generator().manual_seed(int(opts["seed"]))
+        with torch.no_grad():
+            out = self.model.sample(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator)
+        return ((out.image.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+def log_restorer(checkpoint: Path, registered_model_name: str | None = None):
+    import diffusers
+
+    return mlflow.pyfunc.log_model(
+        name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
+        registered_model_name=registered_model_name,
+        # Explicit requirements: inferring them imports and inspects the whole environment.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
+                          f"mlflow=={mlflow.__version__}", "restorl"],
+    )

@@ -1,0 +1,42 @@
+"""Where each stage reads and writes, relative to a workspace root (the DVC project)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    @property
+    def sft_model(self) -> Path:
+        return self.root / "checkpoints" / "sft"
+
+    @property
+    def resume(self) -> Path:
+        # Training state for resuming a killed run. Not a DVC output: DVC deletes outputs
+        # before it re-runs a stage, and this must survive that.
+        return self.root / "checkpoints" / "resume"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def run_info(self) -> Path:
+        # Which MLflow run each stage logged to, for the summary `make run` prints.
+        return self.root / "metrics" / "runs"

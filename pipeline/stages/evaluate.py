@@ -1,0 +1,115 @@
+"""`evaluate`: restore the test split and score LQ, each model's output and GT.
+
+Full-reference metrics (PSNR, SSIM by pyiqa) compare with GT; no-reference metrics (PIQE) score
+each image alone, GT included. Figures are given overall and per degradation task.
+Output: `metrics/evaluate.json` (DVC metrics), `plots/eval_grid.png` (LQ | restored | GT), and
+the same in an MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import iqa, tracking
+from pipeline.atomic import atomic_file
+from pipeline.config import Params
+from pipeline.data.dataset import PairedSplit, load_split
+from pipeline.device import setup_runtime
+from pipeline.models.restorer import DiffusionRestorer
+from pipeline.paths import Paths
+
+SECTIONS = ["evaluate"]
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    cfg, paths = params.evaluate, Paths(root)
+    device = setup_runtime(params.runtime)
+    test = load_split(paths.data, "test")
+    with tracking.stage_run("evaluate", params, SECTIONS, root):
+        outputs = {"lq": test.lq, "sft": restore(DiffusionRestorer.from_pretrained(paths.sft_model).to(device),
+                                                 test, params, device)}
+        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics)
+        metrics["sampling"] = cfg.sampling.model_dump()
+        with atomic_file(paths.metrics / "evaluate.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2))
+        save_grid(paths.plots / "eval_grid.png", outputs, test, cfg.grid_images)
+        mlflow.log_metrics({k: v for k, v in tracking.flatten(metrics["overall"]).items()})
+        mlflow.log_metrics({f"task.{k}": v for k, v in tracking.flatten(metrics["per_task"]).items()})
+        mlflow.log_artifact(str(paths.metrics / "evaluate.json"))
+        mlflow.log_artifact(str(paths.plots / "eval_grid.png"))
+    print(format_table(metrics))
+    return metrics
+
+
+def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device: torch.device) -> torch.Tensor:
+    """DDIM restoration of every LQ patch, seeded, in batches."""
+    cfg = params.evaluate
+    model.eval()
+    generator = torch.Generator().manual_seed(params.runtime.seed)
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch"):
+            cond = data.lq[i:i + cfg.batch_size].to(device)
+            out.append(model.sample(cond, cfg.sampling.steps, cfg.sampling.eta, generator).image.cpu())
+    return torch.cat(out)
+
+
+def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit,
+                  fr_metrics: list[str], nr_metrics: list[str]) -> dict:
+    """Mean of each metric per output row, overall and per task; GT gets the NR metrics."""
+    per_image: dict[str, dict[str, torch.Tensor]] = {}
+    for row, images in outputs.items():
+        per_image[row] = {m: iqa.score(m, images, data.gt) for m in fr_metrics}
+        per_image[row] |= {m: iqa.score(m, images) for m in nr_metrics}
+    per_image["gt"] = {m: iqa.score(m, data.gt) for m in nr_metrics}
+
+    def means(mask: torch.Tensor) -> dict:
+        return {row: {m: round(float(v[mask].mean()), 4) for m, v in scores.items()}
+                for row, scores in per_image.items()}
+
+    tasks = np.array(data.tasks)
+    return {
+        "n_test": len(data),
+        "higher_is_better": {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics},
+        "overall": means(torch.ones(len(data), dtype=torch.bool)),
+        "per_task": {t: {"n": int((tasks == t).sum()), **means(torch.from_numpy(tasks == t))}
+                     for t in sorted(set(tasks))},
+    }
+
+
+def save_grid(path: Path, outputs: dict[str, torch.Tensor], data: PairedSplit, n: int, zoom: int = 4) -> None:
+    """Rows of LQ | each output | GT, one sample per task in turn, enlarged for viewing."""
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(data.tasks):
+        by_task.setdefault(t, []).append(i)
+    picks, depth = [], 0
+    while len(picks) < min(n, len(data)):
+        picks += [ids[depth] for ids in by_task.values() if depth < len(ids)][: n - len(picks)]
+        depth += 1
+    columns = list(outputs.values()) + [data.gt]
+    rows = [torch.cat([col[i] for col in columns], dim=2) for i in picks]
+    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    grid = np.kron(grid, np.ones((zoom, zoom, 1), np.uint8))
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def format_table(metrics: dict) -> str:
+    """Plain-text table: one line per (task, row), one column per metric."""
+    names = list(metrics["higher_is_better"])
+    arrows = {m: "↑" if up else "↓" for m, up in metrics["higher_is_better"].items()}
+    header = f"{'task':<16}{'n':>5}  {'output':<8}" + "".join(f"{m + arrows[m]:>10}" for m in names)
+    lines = [header, "-" * len(header)]
+    blocks = [("overall", {"n": metrics["n_test"], **metrics["overall"]})] + list(metrics["per_task"].items())
+    for task, block in blocks:
+        for row, scores in ((k, v) for k, v in block.items() if k != "n"):
+            cells = "".join(f"{scores[m]:>10.3f}" if m in scores else f"{'':>10}" for m in names)
+            lines.append(f"{task:<16}{block['n']:>5}  {row:<8}{cells}")
+    return "\n".join(lines)

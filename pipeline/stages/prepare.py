@@ -1,0 +1,136 @@
+"""`prepare`: images -> HQ patches + seeded degraded LQ twins, split by source image.
+
+Output (replaced whole, never partially): `data/prepared/{train,val,test}/{gt,lq}/*.png` and
+`data/prepared/manifest.json` with each sample's task, source, degradation chain and hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_dir
+from pipeline.config import Params, PrepareConfig
+from pipeline.data.degradations import DEGRADATIONS, degrade
+from pipeline.data.sources import DataError, SourceImage, load_folder, load_pairs, load_skimage
+from pipeline.paths import Paths
+
+SPLITS = ("train", "val", "test")
+
+
+def run(params: Params, root: Path = Path(".")) -> dict:
+    cfg = params.prepare
+    images = load_sources(cfg)
+    splits = split_by_source([im.name for im in images], cfg, params.runtime.seed)
+    paths = Paths(root)
+    samples = []
+    with atomic_dir(paths.data) as out:
+        for image in tqdm(images, desc="prepare", unit="image"):
+            split = splits[image.name]
+            samples += cut_samples(image, split, cfg, params.runtime.seed, out)
+        manifest = {"patch_size": cfg.patch_size, "source": cfg.source.kind,
+                    "splits": {s: sorted(n for n, v in splits.items() if v == s) for s in SPLITS},
+                    "samples": samples}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    counts = {s: sum(x["split"] == s for x in samples) for s in SPLITS}
+    print(f"prepare: {len(images)} source images -> {counts} patches in {paths.data}")
+    return counts
+
+
+def load_sources(cfg: PrepareConfig) -> list[SourceImage]:
+    src = cfg.source
+    if src.kind == "skimage":
+        images = load_skimage(src.images)
+    elif src.kind == "folder":
+        images = load_folder(Path(src.path))
+    else:
+        images = load_pairs(Path(src.path))
+    for im in images:
+        h, w = im.gt.shape[:2]
+        if min(h, w) < cfg.patch_size:
+            raise DataError(f"{src.path or 'skimage.data'}/{im.name}: {w}x{h} is smaller than "
+                            f"prepare.patch_size={cfg.patch_size}")
+    names = [im.name for im in images]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{src.path or 'prepare.source.images'}: duplicate image names {dup}")
+    return images
+
+
+def split_by_source(names: list[str], cfg: PrepareConfig, seed: int) -> dict[str, str]:
+    """Assign each source image to one split, so no test image leaks into train."""
+    where = cfg.source.path or "prepare.source.images"
+    for split in ("val", "test"):
+        unknown = sorted(set(getattr(cfg.split, split)) - set(names))
+        if unknown:
+            raise DataError(f"prepare.split.{split}: {unknown} not among the images of {where}")
+    if set(cfg.split.val) & set(cfg.split.test):
+        raise DataError(f"prepare.split: {sorted(set(cfg.split.val) & set(cfg.split.test))} in both val and test")
+    if len(names) < 3:
+        raise DataError(f"{where}: {len(names)} image(s); need at least 3 (train, val and test "
+                        "are split by source image)")
+    assigned = {n: "val" for n in cfg.split.val} | {n: "test" for n in cfg.split.test}
+    rest = [n for n in sorted(names) if n not in assigned]
+    np.random.default_rng(seed).shuffle(rest)
+    for split, frac in (("test", cfg.split.test_fraction), ("val", cfg.split.val_fraction)):
+        if not getattr(cfg.split, split):
+            take = max(1, round(frac * len(names)))
+            assigned |= {n: split for n in rest[:take]}
+            rest = rest[take:]
+    if not rest:
+        raise DataError(f"{where}: no images left for train after the val/test split")
+    return assigned | {n: "train" for n in rest}
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
+
+
+def draw_chain(cfg: PrepareConfig, rng: np.random.Generator) -> list[tuple[str, dict]]:
+    """Primary task by weight; with prob. mix_prob a second, different task after it."""
+    tasks = {n: t for n, t in cfg.degradations.tasks.items() if t.weight > 0}
+    names = sorted(tasks)
+    weights = np.array([tasks[n].weight for n in names])
+    first = names[rng.choice(len(names), p=weights / weights.sum())]
+    chain = [first]
+    others = [n for n in names if n != first]
+    if others and rng.random() < cfg.degradations.mix_prob:
+        chain.append(others[rng.integers(len(others))])
+    return [(n, DEGRADATIONS[n].draw_params(tasks[n].params, rng)) for n in chain]
+
+
+def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, out: Path) -> list[dict]:
+    rng = _rng(seed, split, image.name)
+    size = cfg.patch_size
+    h, w = image.gt.shape[:2]
+    (out / split / "gt").mkdir(parents=True, exist_ok=True)
+    (out / split / "lq").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for k in range(cfg.patches_per_image[split]):
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        gt = image.gt[y:y + size, x:x + size]
+        if image.lq is not None:
+            lq, chain, task = image.lq[y:y + size, x:x + size], [], "pairs"
+        else:
+            chain = draw_chain(cfg, rng)
+            lq, task = degrade(gt / 255.0, chain, rng), chain[0][0]
+        sid = f"{image.name}_{k:04d}"
+        files = {}
+        for kind, arr in (("gt", gt), ("lq", lq)):
+            rel = f"{split}/{kind}/{sid}.png"
+            Image.fromarray(np.ascontiguousarray(arr)).save(out / rel)
+            files[kind] = rel
+        samples.append({
+            "id": sid, "split": split, "source": image.name, "task": task, "crop": [y, x],
+            "degradations": [{"name": n, "params": p} for n, p in chain],
+            "gt": files["gt"], "lq": files["lq"],
+            "sha256_gt": hashlib.sha256(gt.tobytes()).hexdigest(),
+            "sha256_lq": hashlib.sha256(np.ascontiguousarray(lq).tobytes()).hexdigest(),
+        })
+    return samples
