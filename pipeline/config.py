@@ -140,6 +140,9 @@ class ModelConfig(Section):
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "sample"
     # Diffuse the residual GT - LQ instead of GT itself (the output is LQ + sample).
     residual: bool = True
+    # Multiplies the diffused signal so it has roughly unit spread (as a VAE's scaling_factor
+    # does): the GT - LQ residual is small next to unit noise otherwise.
+    signal_scale: float = Field(1.0, gt=0)
     train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
@@ -151,6 +154,10 @@ class SamplingConfig(Section):
 
 class SftConfig(Section):
     steps: int = Field(1000, ge=1)
+    # mse: mean of per-sample MSE. log_mse: mean of per-sample log-MSE, i.e. mean PSNR, the
+    # figure evaluation reports; it keeps tasks with large residuals (low light) from drowning
+    # out mild ones (slight blur) whose errors are 100x smaller.
+    loss: Literal["mse", "log_mse"] = "log_mse"
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -45,8 +45,9 @@ class SampleOutput:
 
 
 class DiffusionRestorer(torch.nn.Module):
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, residual: bool):
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, residual: bool, signal_scale: float = 1.0):
         super().__init__()
+        self.signal_scale = signal_scale
         self.unet = unet
         self.train_scheduler = scheduler
         # `trailing` spacing starts sampling at the last training step (pure noise) and ends
@@ -71,13 +72,13 @@ class DiffusionRestorer(torch.nn.Module):
         torch.nn.init.zeros_(unet.conv_out.bias)
         scheduler = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
                                   prediction_type=cfg.prediction_type, clip_sample=False)
-        return cls(unet, scheduler, cfg.residual)
+        return cls(unet, scheduler, cfg.residual, cfg.signal_scale)
 
     def save_pretrained(self, path: Path) -> None:
         path = Path(path)
         self.unet.save_pretrained(path / "unet")
         self.train_scheduler.save_pretrained(path / "scheduler")
-        (path / META_FILE).write_text(json.dumps({"residual": self.residual}))
+        (path / META_FILE).write_text(json.dumps({"residual": self.residual, "signal_scale": self.signal_scale}))
 
     @classmethod
     def from_pretrained(cls, path: Path) -> "DiffusionRestorer":
@@ -87,7 +88,7 @@ class DiffusionRestorer(torch.nn.Module):
         meta = json.loads((path / META_FILE).read_text())
         unet = UNet2DModel.from_pretrained(path / "unet")
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        return cls(unet, scheduler, meta["residual"])
+        return cls(unet, scheduler, meta["residual"], meta.get("signal_scale", 1.0))
 
     def reference(self) -> "DiffusionRestorer":
         """A frozen copy (the KL anchor for RL)."""
@@ -109,14 +110,15 @@ class DiffusionRestorer(torch.nn.Module):
         return out.float()
 
     def signal(self, gt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return gt - cond if self.residual else gt
+        return (gt - cond if self.residual else gt) * self.signal_scale
 
     def to_image(self, signal: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        signal = signal / self.signal_scale
         return signal + cond if self.residual else signal
 
     def sft_loss(self, gt: torch.Tensor, cond: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss for the configured prediction target (mean over batch and pixels)."""
+        """Per-sample denoising loss (B,) for the configured prediction target (pixel mean)."""
         x0 = self.signal(gt, cond)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
         t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],),
@@ -126,7 +128,7 @@ class DiffusionRestorer(torch.nn.Module):
         target = {"epsilon": noise, "sample": x0}.get(kind)
         if target is None:
             target = self.train_scheduler.get_velocity(x0, noise, t)
-        return F.mse_loss(self.predict(x_t, t, cond), target)
+        return F.mse_loss(self.predict(x_t, t, cond), target, reduction="none").mean(dim=(1, 2, 3))
 
     # ------------------------------------------------------------------ sampling
 
@@ -171,3 +173,10 @@ class DiffusionRestorer(torch.nn.Module):
                 result.steps.append(out)
         result.image = self.to_image(x, cond).clamp(-1, 1)
         return result
+
+
+def reduce_loss(per_sample: torch.Tensor, kind: str) -> torch.Tensor:
+    """Batch reduction of per-sample losses: plain mean, or mean log (a PSNR-like objective)."""
+    if kind == "log_mse":
+        return torch.log(per_sample + 1e-8).mean()
+    return per_sample.mean()

@@ -11,10 +11,12 @@ import json
 import zlib
 from pathlib import Path
 
+import mlflow
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PrepareConfig
 from pipeline.data.degradations import DEGRADATIONS, degrade
@@ -30,7 +32,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     splits = split_by_source([im.name for im in images], cfg, params.runtime.seed)
     paths = Paths(root)
     samples = []
-    with atomic_dir(paths.data) as out:
+    with tracking.stage_run("prepare", params, ["prepare"], root), atomic_dir(paths.data) as out:
         for image in tqdm(images, desc="prepare", unit="image"):
             split = splits[image.name]
             samples += cut_samples(image, split, cfg, params.runtime.seed, out)
@@ -38,7 +40,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                     "splits": {s: sorted(n for n, v in splits.items() if v == s) for s in SPLITS},
                     "samples": samples}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    counts = {s: sum(x["split"] == s for x in samples) for s in SPLITS}
+        counts = {s: sum(x["split"] == s for x in samples) for s in SPLITS}
+        mlflow.log_metrics({f"patches.{s}": n for s, n in counts.items()} | {"source_images": len(images)})
+        mlflow.log_artifact(str(out / "manifest.json"))
     print(f"prepare: {len(images)} source images -> {counts} patches in {paths.data}")
     return counts
 

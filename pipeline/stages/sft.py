@@ -25,7 +25,7 @@ from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import load_split, random_dihedral
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import DiffusionRestorer, reduce_loss
 from pipeline.paths import Paths
 
 SECTIONS = ["model", "sft"]
@@ -61,7 +61,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             gt, lq = gt_all[idx], lq_all[idx]
             if cfg.augment:
                 gt, lq = random_dihedral(gt, lq, generator)
-            loss = model.sft_loss(gt, lq, generator)
+            loss = reduce_loss(model.sft_loss(gt, lq, generator), cfg.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

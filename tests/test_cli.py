@@ -1,0 +1,29 @@
+"""The CLI turns user errors into one clear message and exit code 2, with no partial output."""
+
+from tests.conftest import BIN, run_tool, smoke_raw, write_params
+
+
+def test_bad_param_fails_before_any_work(tmp_path):
+    raw = smoke_raw()
+    raw["prepare"]["patch_size"] = 30
+    write_params(tmp_path, raw)
+    proc = run_tool([str(BIN / "restorl"), "prepare"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "prepare.patch_size: must be a multiple of 8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_sft_without_prepared_data_names_the_missing_manifest(tmp_path):
+    write_params(tmp_path, smoke_raw())
+    proc = run_tool([str(BIN / "restorl"), "sft"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "data/prepared/manifest.json: not found; run the prepare stage first" in proc.stderr
+    assert not (tmp_path / "checkpoints" / "sft").exists()
+
+
+def test_params_command_prints_merged_profile(tmp_path):
+    from tests.conftest import REPO
+
+    proc = run_tool([str(BIN / "restorl"), "params", "--params", str(REPO / "params.yaml"), "--profile", "smoke"], tmp_path)
+    assert "block_out_channels:\n  - 8" in proc.stdout

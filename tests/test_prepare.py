@@ -1,0 +1,133 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.sources import DataError
+from pipeline.stages import prepare
+from tests.conftest import smoke_params
+
+
+def _files_under(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*"))
+
+
+def test_split_is_by_source_and_manifest_matches_files(prepared_smoke):
+    data = prepared_smoke / "data" / "prepared"
+    manifest = json.loads((data / "manifest.json").read_text())
+    sources = {split: {s["source"] for s in manifest["samples"] if s["split"] == split}
+               for split in ("train", "val", "test")}
+    assert sources["test"] == {"chelsea"} and sources["val"] == {"coffee"}
+    assert not (sources["train"] & sources["test"]) and not (sources["train"] & sources["val"])
+    for s in manifest["samples"]:
+        gt = np.asarray(Image.open(data / s["gt"]))
+        assert gt.shape == (32, 32, 3)
+        assert hashlib.sha256(gt.tobytes()).hexdigest() == s["sha256_gt"]
+        assert s["task"] == s["degradations"][0]["name"]
+
+
+def test_prepare_is_reproducible(tmp_path, prepared_smoke):
+    prepare.run(smoke_params(), tmp_path)
+    a = json.loads((tmp_path / "data/prepared/manifest.json").read_text())
+    b = json.loads((prepared_smoke / "data/prepared/manifest.json").read_text())
+    assert a == b
+
+
+def test_mix_prob_chains_two_different_tasks(tmp_path):
+    params = smoke_params(prepare={"degradations": {"mix_prob": 1.0}})
+    prepare.run(params, tmp_path)
+    samples = json.loads((tmp_path / "data/prepared/manifest.json").read_text())["samples"]
+    for s in samples:
+        names = [d["name"] for d in s["degradations"]]
+        assert len(names) == 2 and names[0] != names[1]
+
+
+def _save(path, size=(48, 48)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+
+
+def _folder_params(kind, path):
+    return smoke_params(prepare={"source": {"kind": kind, "path": str(path)}, "split": {"val": [], "test": []}})
+
+
+def test_folder_source(tmp_path):
+    for name in "abcd":
+        _save(tmp_path / "imgs" / f"{name}.png")
+    counts = prepare.run(_folder_params("folder", tmp_path / "imgs"), tmp_path / "ws")
+    assert counts["train"] > 0 and counts["val"] > 0 and counts["test"] > 0
+
+
+def test_pairs_source_keeps_given_lq(tmp_path):
+    for name in "abc":
+        _save(tmp_path / "pairs/gt" / f"{name}.png")
+        _save(tmp_path / "pairs/lq" / f"{name}.png")
+    prepare.run(_folder_params("pairs", tmp_path / "pairs"), tmp_path / "ws")
+    samples = json.loads((tmp_path / "ws/data/prepared/manifest.json").read_text())["samples"]
+    assert {s["task"] for s in samples} == {"pairs"}
+
+
+def _assert_fails_cleanly(params, root, match):
+    """The error names the culprit; no output and no temp dir are left behind."""
+    with pytest.raises(DataError, match=match):
+        prepare.run(params, root)
+    data_parent = root / "data"
+    assert not data_parent.exists() or _files_under(data_parent) == []
+
+
+def test_corrupt_image_is_named(tmp_path):
+    for name in "abc":
+        _save(tmp_path / "imgs" / f"{name}.png")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    _assert_fails_cleanly(_folder_params("folder", tmp_path / "imgs"), tmp_path / "ws", r"broken\.jpg: cannot read image")
+
+
+def test_empty_folder_is_named(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    _assert_fails_cleanly(_folder_params("folder", tmp_path / "imgs"), tmp_path / "ws", r"imgs: no images found")
+
+
+def test_pair_size_mismatch_is_named(tmp_path):
+    for name in "abc":
+        _save(tmp_path / "pairs/gt" / f"{name}.png")
+        _save(tmp_path / "pairs/lq" / f"{name}.png", size=(48, 40) if name == "b" else (48, 48))
+    _assert_fails_cleanly(_folder_params("pairs", tmp_path / "pairs"), tmp_path / "ws",
+                          r"lq/b\.png: size 48x40 does not match .*gt/b\.png")
+
+
+def test_pair_without_counterpart_is_named(tmp_path):
+    for name in "abc":
+        _save(tmp_path / "pairs/gt" / f"{name}.png")
+        if name != "c":
+            _save(tmp_path / "pairs/lq" / f"{name}.png")
+    _assert_fails_cleanly(_folder_params("pairs", tmp_path / "pairs"), tmp_path / "ws", r"gt/c\.png: has no counterpart")
+
+
+def test_failure_midway_keeps_previous_output(tmp_path, monkeypatch):
+    """A stage dying after it has written some patches must leave the old data untouched."""
+    prepare.run(smoke_params(), tmp_path)
+    before = (tmp_path / "data/prepared/manifest.json").read_text()
+    calls = {"n": 0}
+    real = prepare.cut_samples
+
+    def dies_on_second_image(*args, **kwargs):
+        # Fault injection: a crash mid-write cannot be caused deterministically otherwise.
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise DataError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "cut_samples", dies_on_second_image)
+    with pytest.raises(DataError, match="injected"):
+        prepare.run(smoke_params(prepare={"patch_size": 16}), tmp_path)
+    assert (tmp_path / "data/prepared/manifest.json").read_text() == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]
+
+
+def test_too_few_images_and_unknown_split_name(tmp_path):
+    _assert_fails_cleanly(smoke_params(prepare={"source": {"images": ["astronaut", "rocket"]}, "split": {"val": [], "test": []}}),
+                          tmp_path, "need at least 3")
+    _assert_fails_cleanly(smoke_params(prepare={"split": {"test": ["moon"]}}), tmp_path,
+                          r"prepare\.split\.test: \['moon'\] not among")

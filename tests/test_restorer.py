@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from pipeline.models.restorer import DiffusionRestorer
+from tests.conftest import smoke_params
+
+
+def _model(**model_cfg):
+    torch.manual_seed(0)
+    return DiffusionRestorer.build(smoke_params(model=model_cfg).model)
+
+
+def _batch(n=2, size=16):
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    return gt, (gt + 0.2 * torch.randn(gt.shape, generator=g)).clamp(-1, 1)
+
+
+def test_untrained_residual_sample_model_returns_lq():
+    """Zero output layer + x0 target on the residual: training starts exactly at the LQ."""
+    model = _model()
+    _, lq = _batch()
+    with torch.no_grad():
+        out = model.sample(lq, steps=4, eta=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.image, lq)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_sft_loss_trains_every_prediction_target(prediction_type):
+    model = _model(prediction_type=prediction_type)
+    gt, lq = _batch(8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.sft_loss(gt, lq, torch.Generator().manual_seed(1)).mean()  # same noise each step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_last_step_is_deterministic_and_trajectory_is_kept():
+    model = _model()
+    _, lq = _batch()
+    with torch.no_grad():
+        out = model.sample(lq, steps=5, eta=1.0, keep_trajectory=True)
+    assert len(out.latents) == 6 and len(out.steps) == 5 and len(out.timesteps) == 5
+    stds = [s.std for s in out.steps]
+    assert all(s > 0 for s in stds[:-1]) and stds[-1] == 0.0
+    assert out.timesteps[0] == 999  # trailing spacing starts from pure noise
+
+
+def test_eta_zero_sampling_is_deterministic_given_noise_seed():
+    model = _model(prediction_type="epsilon")
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    _, lq = _batch()
+    with torch.no_grad():
+        a = model.sample(lq, 4, 0.0, torch.Generator().manual_seed(3)).image
+        b = model.sample(lq, 4, 0.0, torch.Generator().manual_seed(3)).image
+        c = model.sample(lq, 4, 0.0, torch.Generator().manual_seed(4)).image
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_grad_flows_only_through_last_k_steps():
+    model = _model()
+    _, lq = _batch()
+    out = model.sample(lq, steps=4, eta=1.0, keep_trajectory=True, grad_last_k=2)
+    assert [s.mean.requires_grad for s in out.steps] == [False, False, True, True]
+    out.image.mean().backward()
+    assert model.unet.conv_out.weight.grad is not None
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _model()
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt/unet/diffusion_pytorch_model.safetensors").exists()
+    loaded = DiffusionRestorer.from_pretrained(tmp_path / "ckpt")
+    _, lq = _batch()
+    with torch.no_grad():
+        a = model.sample(lq, 3, 0.0, torch.Generator().manual_seed(0)).image
+        b = loaded.sample(lq, 3, 0.0, torch.Generator().manual_seed(0)).image
+    torch.testing.assert_close(a, b)
+
+
+def test_from_pretrained_rejects_a_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a restorl checkpoint"):
+        DiffusionRestorer.from_pretrained(tmp_path)
+
+
+def test_reference_is_a_frozen_copy():
+    model = _model()
+    ref = model.reference()
+    assert not any(p.requires_grad for p in ref.parameters())
+    with torch.no_grad():
+        model.unet.conv_out.bias.add_(1.0)
+    assert not torch.equal(ref.unet.conv_out.bias, model.unet.conv_out.bias)

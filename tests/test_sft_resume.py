@@ -1,0 +1,64 @@
+"""A killed `restorl sft` resumes from its last checkpoint and ends where an uninterrupted run does."""
+
+import signal
+import subprocess
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, run_tool, smoke_raw, tool_env, write_params
+
+
+def _params(root):
+    raw = smoke_raw()
+    # Enough steps that a kill lands mid-run; checkpoints every few steps.
+    raw["sft"] |= {"steps": 40, "checkpoint_every": 5, "batch_size": 16}
+    write_params(root, raw)
+
+
+def _weights(root):
+    return load_file(root / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_killed_sft_resumes_and_matches_uninterrupted_run(workspace, tmp_path_factory):
+    import shutil
+
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(workspace / "data", reference / "data")
+    _params(reference)
+    run_tool([str(BIN / "restorl"), "sft"], reference)
+
+    _params(workspace)
+    state = workspace / "checkpoints/resume/sft/state.pt"
+    proc = subprocess.Popen([str(BIN / "restorl"), "sft"], cwd=workspace, env=tool_env(workspace),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
+    proc.wait()
+    assert state.exists(), "the run ended before its first checkpoint; the test needs a mid-run kill"
+    assert not (workspace / "checkpoints/sft").exists(), "a killed run must not leave a final model"
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 0 < killed_at < 40
+
+    resumed = run_tool([str(BIN / "restorl"), "sft"], workspace)
+    assert f"resuming from step {killed_at}" in resumed.stdout
+    assert not state.exists(), "a finished run clears its resume state"
+    a, b = _weights(reference), _weights(workspace)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_state_for_other_params_is_ignored(workspace):
+    _params(workspace)
+    run_tool([str(BIN / "restorl"), "sft"], workspace)
+    # Plant a state from a different config: the next run must not resume from it.
+    from pipeline import checkpoint
+
+    g = torch.Generator()
+    checkpoint.save_state(workspace / "checkpoints/resume/sft", fingerprint="other", step=30,
+                          objects={}, generator=g, stats={"loss": [1.0] * 30})
+    out = run_tool([str(BIN / "restorl"), "sft"], workspace)
+    assert "starting fresh" in out.stdout and "resuming" not in out.stdout
