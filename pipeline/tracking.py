@@ -80,8 +80,15 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path = Path
                                 "tracking_uri": mlflow.get_tracking_uri()}))
 
 
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+
 def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str]) -> str:
-    """Log the checkpoint as a pyfunc model in the active run and register a new version."""
+    """Log the checkpoint as a pyfunc model in the active run and register a new version.
+
+    The newest trained model is the `challenger`; `restorl promote` decides on `champion`.
+    """
     from pipeline.models.pyfunc import log_restorer
 
     info = log_restorer(checkpoint, registered_model_name=params.tracking.registered_model)
@@ -89,4 +96,5 @@ def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str]) ->
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(params.tracking.registered_model, version, key, value)
+    client.set_registered_model_alias(params.tracking.registered_model, CHALLENGER, version)
     return version
