@@ -15,19 +15,26 @@ import yaml
 from pipeline.config import ConfigError, load_params, load_raw, validate
 from pipeline.data.sources import DataError
 from pipeline.iqa import MetricError
+from pipeline.storage import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RL fine-tuning of diffusion image restorers from IQA rewards.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 ProfileOpt = typer.Option(None, "--profile", help="profile in profiles/ merged over the params file")
-USER_ERRORS = (ConfigError, DataError, MetricError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, MetricError, FileNotFoundError, StorageError)
 
 
-def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> None:
+def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], errors: tuple = ()) -> None:
+    from pipeline.storage import require_tracking_server
+    from pipeline.tracking import tracking_uri
+
     try:
-        stage(load_params(params_file, profile))
-    except USER_ERRORS as err:
+        cfg = load_params(params_file, profile)
+        # Before any work: an unreachable tracking server fails in seconds, naming its URI.
+        require_tracking_server(tracking_uri(cfg))
+        stage(cfg)
+    except USER_ERRORS + errors as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -52,6 +59,14 @@ def sft(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
 def evaluate(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Restore the test split and score it (metrics/evaluate.json, plots/)."""
     from pipeline.stages import evaluate as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command()
+def reward(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Train the learned no-reference reward model (checkpoints/reward, metrics/reward.json)."""
+    from pipeline.stages import reward as stage
 
     _run_stage(stage.run, params, profile)
 
@@ -81,9 +96,12 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     from pipeline import tracking
     from pipeline.stages.evaluate import format_table
 
+    from pipeline.storage import require_tracking_server
+
     try:
         cfg = load_params(params)
-    except ConfigError as err:
+        require_tracking_server(tracking.tracking_uri(cfg))
+    except (ConfigError, StorageError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     experiment_id = tracking.configure(cfg)
@@ -104,6 +122,53 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     typer.echo(f"\nMLflow: {mlflow.get_tracking_uri()}  experiment '{cfg.tracking.experiment}', "
                f"pipeline run {run.info.run_id}")
     typer.echo(f"  browse: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+
+
+@app.command()
+def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Promote the `challenger` model version to `champion` if it beats it on the test split."""
+    from pipeline import registry
+
+    def stage(cfg):
+        typer.echo(registry.format_decision(registry.run(cfg)))
+
+    # A refusal for lack of figures is an error (exit 2); a refused challenger is a decision (exit 0).
+    _run_stage(stage, params, profile, errors=(registry.PromotionError,))
+
+
+weights_app = typer.Typer(no_args_is_help=True, help="pyiqa weight cache (for workers without internet).")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("sync")
+def weights_sync(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+                 uri: Optional[str] = typer.Option(None, help="s3://bucket/prefix; default storage.weights_uri"),
+                 dest: Optional[Path] = typer.Option(None, help="cache dir; default storage.weights_dir or pyiqa's")) -> None:
+    """Mirror pyiqa weights from an S3 prefix into the local cache (unchanged files skipped)."""
+    from pipeline import storage
+
+    try:
+        cfg = load_params(params, profile)
+        done = storage.sync_weights(cfg.storage, uri, dest)
+    except USER_ERRORS as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"weights: {len(done['downloaded'])} downloaded, {len(done['unchanged'])} unchanged "
+               f"-> {dest or storage.pyiqa_cache_dir(cfg.storage)}")
+
+
+@app.command()
+def remote(url: str = typer.Argument(..., help="s3://bucket/prefix for DVC data and checkpoints"),
+           endpoint: Optional[str] = typer.Option(None, help="S3 endpoint; stored in .dvc/config.local only")) -> None:
+    """Make an S3 prefix the default DVC remote (credentials stay in the environment)."""
+    from pipeline import storage
+
+    try:
+        storage.configure_dvc_remote(Path("."), url, endpoint)
+    except StorageError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"dvc remote 'store' -> {url}" + (f" (endpoint {endpoint} in .dvc/config.local)" if endpoint else ""))
 
 
 def main() -> None:

@@ -144,6 +144,11 @@ class ModelConfig(Section):
     # does): the GT - LQ residual is small next to unit noise otherwise.
     signal_scale: float = Field(1.0, gt=0)
     train_timesteps: int = Field(1000, ge=10)
+    # Condition the UNet on the degradation task (a learned class embedding). A 32 px patch
+    # alone cannot tell a dark scene from a low-light capture or a smooth one from a blurred
+    # one, so an unconditioned model has to hedge across tasks. Labels come from the manifest;
+    # ready pairs all share the task `pairs`.
+    task_conditioning: bool = True
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
 
@@ -154,10 +159,11 @@ class SamplingConfig(Section):
 
 class SftConfig(Section):
     steps: int = Field(1000, ge=1)
-    # mse: mean of per-sample MSE. log_mse: mean of per-sample log-MSE, i.e. mean PSNR, the
-    # figure evaluation reports; it keeps tasks with large residuals (low light) from drowning
-    # out mild ones (slight blur) whose errors are 100x smaller.
-    loss: Literal["mse", "log_mse"] = "log_mse"
+    # mse: mean of per-sample MSE. relative_mse: each sample's MSE divided by its LQ error
+    # |GT - LQ|^2 (1.0 = no better than the LQ), meant to keep large-residual tasks (low light)
+    # from drowning out mild ones. Measured (README): it over-weights near-clean patches and
+    # kept the model at the identity, so mse with task conditioning is the default.
+    loss: Literal["mse", "relative_mse"] = "mse"
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -178,13 +184,69 @@ class EvaluateConfig(Section):
     nr_metrics: list[str] = Field(default_factory=lambda: ["piqe"])
 
 
+# ---------------------------------------------------------------------------------------------
+# reward
+
+
+class RewardConfig(Section):
+    """The learned no-reference reward model (pyiqa's CNNIQA architecture, trained here)."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kernels: int = Field(50, ge=1)
+    hidden: int = Field(800, ge=1)
+    # Training patches restored by the SFT model to make GT > SFT > LQ pairs.
+    sft_samples: int = Field(512, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# promote / storage
+
+
+class PromoteConfig(Section):
+    """The gate from `challenger` to `champion`; both are scored on the same test split with
+    `evaluate.sampling`. Figures are split means."""
+
+    # Scorer name resolved by pipeline.iqa.score (a pyiqa metric today, the learned reward
+    # model's name once it is registered there); its direction comes from iqa.lower_is_better.
+    reward: str = "piqe"
+    # Required improvement of the reward, in its better direction (0: must not get worse).
+    min_reward_gain: float = 0.0
+    # How far PSNR (dB) / SSIM may fall below the champion's: guards against reward hacking.
+    psnr_tolerance: float = Field(0.1, ge=0)
+    ssim_tolerance: float = Field(0.005, ge=0)
+
+
+class StorageConfig(Section):
+    """S3 endpoints and prefixes. Never credentials: those come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) or `.dvc/config.local`."""
+
+    # None: $AWS_ENDPOINT_URL, else AWS itself.
+    endpoint_url: str | None = None
+    # s3://bucket/prefix holding pyiqa weight files, mirrored by `restorl weights sync`.
+    weights_uri: str | None = None
+    # Local pyiqa weight cache; None: pyiqa's default (~/.cache/torch/hub/pyiqa).
+    weights_dir: str | None = None
+
+    @field_validator("weights_uri")
+    @classmethod
+    def _s3_uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("s3://"):
+            raise ValueError("must be an s3://bucket/prefix URI")
+        return v
+
+
 class Params(Section):
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     sft: SftConfig = SftConfig()
+    reward: RewardConfig = RewardConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+    storage: StorageConfig = StorageConfig()
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: which settings made an artefact."""

@@ -23,6 +23,10 @@ class Paths:
         return self.root / "checkpoints" / "sft"
 
     @property
+    def reward_model(self) -> Path:
+        return self.root / "checkpoints" / "reward"
+
+    @property
     def resume(self) -> Path:
         # Training state for resuming a killed run. Not a DVC output: DVC deletes outputs
         # before it re-runs a stage, and this must survive that.

@@ -23,14 +23,14 @@ def _new_workspace(root):
 
 
 def _ran_stages(output: str) -> list[str]:
-    return [s for s in ("prepare", "sft", "evaluate") if f"Running stage '{s}'" in output]
+    return [s for s in ("prepare", "sft", "evaluate", "promote") if f"Running stage '{s}'" in output]
 
 
 def test_dvc_repro_end_to_end(tmp_path):
     _new_workspace(tmp_path)
 
     first = run_tool([str(BIN / "restorl"), "repro"], tmp_path)
-    assert _ran_stages(first.stdout) == ["prepare", "sft", "evaluate"]
+    assert _ran_stages(first.stdout) == ["prepare", "sft", "evaluate", "promote"]
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert metrics["n_test"] == 7
     assert {"lq", "sft", "gt"} <= set(metrics["overall"])
@@ -43,7 +43,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("restorl")
     runs = {r.data.tags["restorl.stage"]: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pipeline", "prepare", "sft", "evaluate"}
+    assert set(runs) == {"pipeline", "prepare", "sft", "evaluate", "promote"}
     parent = runs["pipeline"].info.run_id
     assert runs["sft"].data.tags["mlflow.parentRunId"] == parent
     assert runs["evaluate"].data.tags["mlflow.parentRunId"] == parent
@@ -60,8 +60,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     model = mlflow.pyfunc.load_model("models:/restorer@challenger")
     import numpy as np
 
-    restored = model.predict(np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32))
+    batch = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    task = json.loads((tmp_path / "data/prepared/manifest.json").read_text())["samples"][0]["task"]
+    restored = model.predict(batch, params={"task": task, "steps": 3})
     assert restored.shape == (2, 16, 16, 3) and np.isfinite(restored).all()
+    with pytest.raises(Exception, match="name the task"):
+        model.predict(batch)
 
     # Nothing changed: nothing runs.
     second = run_tool([str(BIN / "dvc"), "repro"], tmp_path)
@@ -72,6 +76,6 @@ def test_dvc_repro_end_to_end(tmp_path):
     raw["sft"]["steps"] = 8
     write_params(tmp_path, raw)
     third = run_tool([str(BIN / "dvc"), "repro"], tmp_path)
-    assert _ran_stages(third.stdout) == ["sft", "evaluate"]
+    assert _ran_stages(third.stdout) == ["sft", "evaluate", "promote"]
     assert len(client.search_model_versions("name='restorer'")) == 2
     assert client.get_model_version_by_alias("restorer", "challenger").version == "2"

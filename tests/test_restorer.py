@@ -97,3 +97,26 @@ def test_reference_is_a_frozen_copy():
     with torch.no_grad():
         model.unet.conv_out.bias.add_(1.0)
     assert not torch.equal(ref.unet.conv_out.bias, model.unet.conv_out.bias)
+
+
+def test_task_conditioned_model_needs_known_task_names(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusionRestorer.build(smoke_params().model, tasks=["jpeg", "gaussian_noise", "jpeg"])
+    assert model.tasks == ["gaussian_noise", "jpeg"]
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    _, lq = _batch()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="name the task"):
+            model.sample(lq, 2)
+        with pytest.raises(ValueError, match=r"\['rain'\] unknown to this restorer"):
+            model.sample(lq, 2, tasks=["rain", "jpeg"])
+        a = model.sample(lq, 2, generator=torch.Generator().manual_seed(0), tasks=["jpeg", "jpeg"]).image
+        b = model.sample(lq, 2, generator=torch.Generator().manual_seed(0), tasks=["gaussian_noise"] * 2).image
+    assert not torch.allclose(a, b), "the task label must change the restoration"
+    model.save_pretrained(tmp_path / "ckpt")
+    assert DiffusionRestorer.from_pretrained(tmp_path / "ckpt").tasks == ["gaussian_noise", "jpeg"]
+
+
+def test_task_conditioning_can_be_switched_off():
+    model = DiffusionRestorer.build(smoke_params(model={"task_conditioning": False}).model, tasks=["jpeg"])
+    assert model.tasks is None and model.unet.class_embedding is None

@@ -1,9 +1,13 @@
-"""Where HQ (or ready LQ/GT) images come from: skimage's bundled images or a user folder."""
+"""Where HQ (or ready LQ/GT) images come from: skimage's bundled images or a user folder
+(local, or an s3://bucket/prefix that is downloaded to a temp dir first)."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -85,3 +89,22 @@ def load_pairs(folder: Path) -> list[SourceImage]:
                             f"{gt_files[stem]} ({gt.shape[1]}x{gt.shape[0]})")
         images.append(SourceImage(stem, gt, lq))
     return images
+
+
+@contextlib.contextmanager
+def local_source(path: str, endpoint: str | None = None) -> Iterator[Path]:
+    """A local directory for `path`: itself, or a temp copy of an s3:// prefix (removed after).
+
+    Errors about the copy name the s3:// URI, not the temp dir.
+    """
+    if not path.startswith("s3://"):
+        yield Path(path)
+        return
+    from pipeline.storage import download_prefix
+
+    with tempfile.TemporaryDirectory(prefix="restorl-source-") as tmp:
+        download_prefix(path, Path(tmp), endpoint)
+        try:
+            yield Path(tmp)
+        except DataError as err:
+            raise DataError(str(err).replace(tmp, path.rstrip("/"))) from None

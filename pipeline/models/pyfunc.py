@@ -13,11 +13,14 @@ import mlflow
 import numpy as np
 import torch
 
-SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0}
+# "" = no task given (MLflow's params schema has no None).
+SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0, "task": ""}
 
 
 class RestorerPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(batch): float array (N, H, W, 3) in [0, 1] (or uint8) -> restored float array."""
+    """predict(batch, params={"task": ...}): float array (N, H, W, 3) in [0, 1] (or uint8) ->
+    restored float array. A task-conditioned restorer needs the degradation task; without one,
+    its only task is used when it has just one."""
 
     def load_context(self, context) -> None:
         from pipeline.models.restorer import DiffusionRestorer
@@ -31,12 +34,29 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
             batch = batch[None]
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected images of shape (N, H, W, 3), got {batch.shape}")
-        scale = 255.0 if batch.dtype == np.uint8 else 1.0
+        scale = 255.0 if batch.dtype == np.uint8 else 1.0  # uint8 when called without MLflow
         cond = torch.from_numpy(batch.astype(np.float32) / scale).permute(0, 3, 1, 2) * 2 - 1
         generator = torch.Generator().manual_seed(int(opts["seed"]))
+        task = opts["task"] or None
+        if task is None and self.model.tasks and len(self.model.tasks) == 1:
+            task = self.model.tasks[0]
+        tasks = [task] * len(cond) if self.model.tasks else None
         with torch.no_grad():
-            out = self.model.sample(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator)
+            out = self.model.sample(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator,
+                                    tasks=tasks)
         return ((out.image.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+def signature():
+    """Float32 (N, H, W, 3) in [0, 1] of any size in and out; the sampling options as params
+    (MLflow passes `params` to predict only when the signature declares them)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    images = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 3))])
+    kinds = {int: "integer", float: "double", str: "string"}
+    return ModelSignature(inputs=images, outputs=images, params=ParamSchema(
+        [ParamSpec(name, kinds[type(default)], default) for name, default in SAMPLING_DEFAULTS.items()]))
 
 
 def log_restorer(checkpoint: Path, registered_model_name: str | None = None):
@@ -44,7 +64,7 @@ def log_restorer(checkpoint: Path, registered_model_name: str | None = None):
 
     return mlflow.pyfunc.log_model(
         name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
-        registered_model_name=registered_model_name,
+        registered_model_name=registered_model_name, signature=signature(),
         # Explicit requirements: inferring them imports and inspects the whole environment.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
                           f"mlflow=={mlflow.__version__}", "restorl"],

@@ -45,9 +45,11 @@ class SampleOutput:
 
 
 class DiffusionRestorer(torch.nn.Module):
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, residual: bool, signal_scale: float = 1.0):
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, residual: bool, signal_scale: float = 1.0,
+                 tasks: list[str] | None = None):
         super().__init__()
         self.signal_scale = signal_scale
+        self.tasks = list(tasks) if tasks else None  # class-label vocabulary when task-conditioned
         self.unet = unet
         self.train_scheduler = scheduler
         # `trailing` spacing starts sampling at the last training step (pure noise) and ends
@@ -59,12 +61,15 @@ class DiffusionRestorer(torch.nn.Module):
     # ------------------------------------------------------------------ construction / io
 
     @classmethod
-    def build(cls, cfg: ModelConfig) -> "DiffusionRestorer":
+    def build(cls, cfg: ModelConfig, tasks: list[str] | None = None) -> "DiffusionRestorer":
+        """`tasks`: the task vocabulary, used when `cfg.task_conditioning` is on."""
         n = len(cfg.block_out_channels)
+        tasks = sorted(set(tasks)) if tasks and cfg.task_conditioning else None
         unet = UNet2DModel(
             in_channels=6, out_channels=3, block_out_channels=cfg.block_out_channels,
             layers_per_block=cfg.layers_per_block, down_block_types=("DownBlock2D",) * n,
             up_block_types=("UpBlock2D",) * n, norm_num_groups=8,
+            num_class_embeds=len(tasks) if tasks else None,
         )
         # A zero output layer makes the untrained model predict "no change" for the sample
         # target (output = LQ): training starts at the LQ baseline instead of below it.
@@ -72,13 +77,13 @@ class DiffusionRestorer(torch.nn.Module):
         torch.nn.init.zeros_(unet.conv_out.bias)
         scheduler = DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_schedule=cfg.beta_schedule,
                                   prediction_type=cfg.prediction_type, clip_sample=False)
-        return cls(unet, scheduler, cfg.residual, cfg.signal_scale)
+        return cls(unet, scheduler, cfg.residual, cfg.signal_scale, tasks)
 
     def save_pretrained(self, path: Path) -> None:
         path = Path(path)
         self.unet.save_pretrained(path / "unet")
         self.train_scheduler.save_pretrained(path / "scheduler")
-        (path / META_FILE).write_text(json.dumps({"residual": self.residual, "signal_scale": self.signal_scale}))
+        (path / META_FILE).write_text(json.dumps({"residual": self.residual, "signal_scale": self.signal_scale, "tasks": self.tasks}))
 
     @classmethod
     def from_pretrained(cls, path: Path) -> "DiffusionRestorer":
@@ -88,7 +93,7 @@ class DiffusionRestorer(torch.nn.Module):
         meta = json.loads((path / META_FILE).read_text())
         unet = UNet2DModel.from_pretrained(path / "unet")
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        return cls(unet, scheduler, meta["residual"], meta.get("signal_scale", 1.0))
+        return cls(unet, scheduler, meta["residual"], meta.get("signal_scale", 1.0), meta.get("tasks"))
 
     def reference(self) -> "DiffusionRestorer":
         """A frozen copy (the KL anchor for RL)."""
@@ -102,11 +107,26 @@ class DiffusionRestorer(torch.nn.Module):
 
     # ------------------------------------------------------------------ model
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
+    def task_labels(self, tasks: list[str] | None, n: int) -> torch.Tensor | None:
+        """Class labels for a batch of task names (None for an unconditioned model)."""
+        if self.tasks is None:
+            return None
+        if tasks is None:
+            raise ValueError(f"this restorer is task-conditioned; name the task of each image (one of {self.tasks})")
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"task(s) {unknown} unknown to this restorer; it knows {self.tasks}")
+        if len(tasks) != n:
+            raise ValueError(f"{len(tasks)} task names for a batch of {n}")
+        return torch.tensor([self.tasks.index(t) for t in tasks], device=self.device)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
+                tasks: list[str] | None = None) -> torch.Tensor:
         if not torch.is_tensor(t) or t.ndim == 0:
             t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        labels = self.task_labels(tasks, x_t.shape[0])
         with autocast(x_t.device):
-            out = self.unet(torch.cat([x_t, cond], dim=1), t).sample
+            out = self.unet(torch.cat([x_t, cond], dim=1), t, class_labels=labels).sample
         return out.float()
 
     def signal(self, gt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -116,9 +136,13 @@ class DiffusionRestorer(torch.nn.Module):
         signal = signal / self.signal_scale
         return signal + cond if self.residual else signal
 
-    def sft_loss(self, gt: torch.Tensor, cond: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample denoising loss (B,) for the configured prediction target (pixel mean)."""
+    def sft_loss(self, gt: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
+                 relative: bool = False, floor: float = 1e-4, tasks: list[str] | None = None) -> torch.Tensor:
+        """Per-sample denoising loss (B,) for the configured prediction target (pixel mean).
+
+        relative: divide by the sample's LQ error |GT - LQ|^2 in signal units, so that 1.0
+        means "no better than the LQ" whatever the task's error scale.
+        """
         x0 = self.signal(gt, cond)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
         t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],),
@@ -128,7 +152,10 @@ class DiffusionRestorer(torch.nn.Module):
         target = {"epsilon": noise, "sample": x0}.get(kind)
         if target is None:
             target = self.train_scheduler.get_velocity(x0, noise, t)
-        return F.mse_loss(self.predict(x_t, t, cond), target, reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(self.predict(x_t, t, cond, tasks), target, reduction="none").mean(dim=(1, 2, 3))
+        if relative:
+            loss = loss / (((gt - cond) * self.signal_scale) ** 2).mean(dim=(1, 2, 3)).add(floor)
+        return loss
 
     # ------------------------------------------------------------------ sampling
 
@@ -144,19 +171,20 @@ class DiffusionRestorer(torch.nn.Module):
         a_prev = float(s.alphas_cumprod[prev_t]) if prev_t >= 0 else float(s.final_alpha_cumprod)
         return eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
 
-    def step(self, x_t: torch.Tensor, t: int, cond: torch.Tensor, eta: float) -> StepOutput:
+    def step(self, x_t: torch.Tensor, t: int, cond: torch.Tensor, eta: float,
+             tasks: list[str] | None = None) -> StepOutput:
         """One DDIM step as a Gaussian policy: x_prev ~ N(mean, std^2 I).
 
         `timesteps(steps)` must have been called for the schedule `t` belongs to.
         """
-        out = self.predict(x_t, t, cond)
+        out = self.predict(x_t, t, cond, tasks)
         # With zero variance noise, DDIM's prev_sample is exactly the Gaussian's mean.
         res = self.sample_scheduler.step(out, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t))
         return StepOutput(res.prev_sample, self.step_std(t, eta), self.to_image(res.pred_original_sample, cond))
 
     def sample(self, cond: torch.Tensor, steps: int, eta: float = 0.0,
                generator: torch.Generator | None = None, keep_trajectory: bool = False,
-               grad_last_k: int = 0) -> SampleOutput:
+               grad_last_k: int = 0, tasks: list[str] | None = None) -> SampleOutput:
         """DDIM sampling from pure noise; gradients flow only through the last `grad_last_k` steps."""
         x = torch.randn(cond.shape, generator=generator, device="cpu").to(cond.device)
         timesteps = self.timesteps(steps)
@@ -165,7 +193,7 @@ class DiffusionRestorer(torch.nn.Module):
             result.latents.append(x)
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i >= steps - grad_last_k):
-                out = self.step(x, t, cond, eta)
+                out = self.step(x, t, cond, eta, tasks)
                 noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
                 x = out.mean + out.std * noise
             if keep_trajectory:
@@ -174,9 +202,3 @@ class DiffusionRestorer(torch.nn.Module):
         result.image = self.to_image(x, cond).clamp(-1, 1)
         return result
 
-
-def reduce_loss(per_sample: torch.Tensor, kind: str) -> torch.Tensor:
-    """Batch reduction of per-sample losses: plain mean, or mean log (a PSNR-like objective)."""
-    if kind == "log_mse":
-        return torch.log(per_sample + 1e-8).mean()
-    return per_sample.mean()

@@ -57,7 +57,8 @@ def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device:
     with torch.no_grad():
         for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch"):
             cond = data.lq[i:i + cfg.batch_size].to(device)
-            out.append(model.sample(cond, cfg.sampling.steps, cfg.sampling.eta, generator).image.cpu())
+            tasks = data.tasks[i:i + cfg.batch_size]
+            out.append(model.sample(cond, cfg.sampling.steps, cfg.sampling.eta, generator, tasks=tasks).image.cpu())
     return torch.cat(out)
 
 

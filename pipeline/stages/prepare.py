@@ -20,15 +20,17 @@ from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PrepareConfig
 from pipeline.data.degradations import DEGRADATIONS, degrade
-from pipeline.data.sources import DataError, SourceImage, load_folder, load_pairs, load_skimage
+from pipeline.data.sources import DataError, SourceImage, load_folder, load_pairs, load_skimage, local_source
 from pipeline.paths import Paths
 
 SPLITS = ("train", "val", "test")
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
+    from pipeline.storage import endpoint_url
+
     cfg = params.prepare
-    images = load_sources(cfg)
+    images = load_sources(cfg, endpoint_url(params.storage))
     splits = split_by_source([im.name for im in images], cfg, params.runtime.seed)
     paths = Paths(root)
     samples = []
@@ -47,14 +49,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     return counts
 
 
-def load_sources(cfg: PrepareConfig) -> list[SourceImage]:
+def load_sources(cfg: PrepareConfig, endpoint: str | None = None) -> list[SourceImage]:
     src = cfg.source
     if src.kind == "skimage":
         images = load_skimage(src.images)
-    elif src.kind == "folder":
-        images = load_folder(Path(src.path))
-    else:
-        images = load_pairs(Path(src.path))
+    else:  # folder or pairs, local or s3://bucket/prefix
+        with local_source(src.path, endpoint) as folder:
+            images = load_folder(folder) if src.kind == "folder" else load_pairs(folder)
     for im in images:
         h, w = im.gt.shape[:2]
         if min(h, w) < cfg.patch_size:

@@ -25,7 +25,7 @@ from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import load_split, random_dihedral
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer, reduce_loss
+from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
 
 SECTIONS = ["model", "sft"]
@@ -37,7 +37,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     train = load_split(paths.data, "train")
     gt_all, lq_all = train.gt.to(device), train.lq.to(device)
 
-    model = DiffusionRestorer.build(params.model).to(device).train()
+    model = DiffusionRestorer.build(params.model, train.tasks).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_schedule = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
     ema = EMAModel(model.unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -58,10 +58,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
         for step in bar:
             idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator).to(device)
-            gt, lq = gt_all[idx], lq_all[idx]
+            gt, lq, tasks = gt_all[idx], lq_all[idx], [train.tasks[i] for i in idx.tolist()]
             if cfg.augment:
                 gt, lq = random_dihedral(gt, lq, generator)
-            loss = reduce_loss(model.sft_loss(gt, lq, generator), cfg.loss)
+            loss = model.sft_loss(gt, lq, generator, relative=cfg.loss == "relative_mse", tasks=tasks).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

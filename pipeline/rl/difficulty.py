@@ -1,0 +1,47 @@
+"""Difficulty-adaptive mixing of the RL and SFT losses (seed paper 000, our reading).
+
+Difficulty of a sample = reward(GT) - reward(model output): how far the model still is from
+its ground truth in reward terms. Its relative difficulty is its quantile among a running
+window of recent difficulties; the RL weight ramps linearly from 0 at quantile `q_lo` to 1 at
+`q_hi`. Hard samples get the RL loss, easy ones (already close to GT) the SFT loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def quantiles(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Empirical quantile of each value within `reference` (share of reference below it)."""
+    if reference.numel() == 0:
+        return torch.full_like(values, 0.5)
+    below = (reference[None, :] < values[:, None]).float().mean(dim=1)
+    equal = (reference[None, :] == values[:, None]).float().mean(dim=1)
+    return below + 0.5 * equal
+
+
+def rl_weights(q: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
+    """w = clip((q - q_lo) / (q_hi - q_lo), 0, 1): monotone in q, within [0, 1]."""
+    if not 0.0 <= q_lo < q_hi <= 1.0:
+        raise ValueError(f"need 0 <= q_lo < q_hi <= 1, got q_lo={q_lo}, q_hi={q_hi}")
+    return ((q - q_lo) / (q_hi - q_lo)).clamp(0.0, 1.0)
+
+
+class DifficultyTracker:
+    """Running window of difficulties, seeded from the `score` stage, refreshed by rollouts."""
+
+    def __init__(self, initial: torch.Tensor, window: int = 512):
+        self.window = window
+        self.values = initial.flatten()[-window:].float()
+
+    def update(self, difficulties: torch.Tensor) -> None:
+        self.values = torch.cat([self.values, difficulties.detach().flatten().float()])[-self.window:]
+
+    def weights(self, difficulties: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
+        return rl_weights(quantiles(difficulties, self.values), q_lo, q_hi)
+
+    def state_dict(self) -> dict:
+        return {"values": self.values, "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values, self.window = state["values"], state["window"]

@@ -1,0 +1,206 @@
+"""S3 and tracking-server access: downloads, the pyiqa weight cache, the DVC remote, preflights.
+
+Endpoints come from params (`storage.endpoint_url`) or $AWS_ENDPOINT_URL; credentials only from
+the environment / AWS profile (boto3's own chain) or DVC's `.dvc/config.local` — never from
+params, so they never reach MLflow. Every failure is a `StorageError` naming the URI and the
+endpoint; downloads land in a temp path first and are renamed into place, so a failed
+transfer leaves no partial files behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import StorageConfig
+
+# Short timeouts and few retries: an unreachable endpoint should fail in seconds with a clear
+# message, not after botocore's default minutes of back-off.
+CONNECT_TIMEOUT_S = 3
+READ_TIMEOUT_S = 60
+MAX_ATTEMPTS = 2
+CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                     "InvalidToken", "InvalidClientTokenId", "AuthFailure", "Forbidden", "403"}
+
+
+class StorageError(RuntimeError):
+    """S3 or the tracking server cannot be used; the message names the URI and endpoint."""
+
+
+def endpoint_url(cfg: StorageConfig | None = None) -> str | None:
+    return (cfg.endpoint_url if cfg else None) or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+        raise StorageError(f"{uri}: not an s3://bucket/prefix URI")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def s3_client(endpoint: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+    # A fresh session reads the credentials now; boto3's default session caches the first ones.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _where(endpoint: str | None) -> str:
+    return f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no endpoint set)"
+
+
+def storage_error(err: Exception, uri: str, endpoint: str | None) -> StorageError:
+    """Translate a boto3/botocore failure into one line naming the URI and the endpoint."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    where = _where(endpoint)
+    if isinstance(err, EndpointConnectionError) or "Could not connect" in str(err):
+        return StorageError(f"{uri}: {where} is unreachable ({err})")
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{uri}: no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment")
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in CREDENTIAL_ERRORS:
+            key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+            # Name the key id by its first characters only: enough to spot the wrong one.
+            shown = f" (AWS_ACCESS_KEY_ID {key[:4]}…)" if key else ""
+            return StorageError(f"{uri}: credentials rejected by {where}{shown}: {code}; check "
+                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        if code in ("NoSuchBucket", "404", "NoSuchKey"):
+            return StorageError(f"{uri}: bucket or key not found at {where} ({code})")
+        return StorageError(f"{uri}: {where} refused the request: {code} {err}")
+    return StorageError(f"{uri}: {where} failed: {type(err).__name__}: {err}")
+
+
+def list_objects(uri: str, endpoint: str | None) -> list[dict]:
+    """Every object under the prefix: dicts with Key, Size, ETag."""
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client(endpoint)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        return [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    except Exception as err:
+        raise storage_error(err, uri, endpoint) from None
+
+
+def download_prefix(uri: str, dest: Path, endpoint: str | None) -> list[Path]:
+    """Copy every object under `uri` into `dest` (keys relative to the prefix); returns the files."""
+    bucket, prefix = split_s3_uri(uri)
+    objects = list_objects(uri, endpoint)
+    if not objects:
+        raise StorageError(f"{uri}: no objects under this prefix at {_where(endpoint)}")
+    client, files = s3_client(endpoint), []
+    for obj in objects:
+        target = Path(dest) / obj["Key"][len(prefix):].lstrip("/")
+        _download(client, bucket, obj["Key"], target, uri, endpoint)
+        files.append(target)
+    return files
+
+
+def _download(client, bucket: str, key: str, target: Path, uri: str, endpoint: str | None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.part-", dir=target.parent)
+    os.close(fd)
+    try:
+        client.download_file(bucket, key, tmp)
+    except Exception as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise storage_error(err, f"s3://{bucket}/{key}", endpoint) from None
+    os.replace(tmp, target)
+
+
+def _same_file(path: Path, obj: dict) -> bool:
+    """Size, and the MD5 where the ETag is one (single-part uploads)."""
+    if not path.is_file() or path.stat().st_size != obj["Size"]:
+        return False
+    etag = obj.get("ETag", "").strip('"')
+    if not etag or "-" in etag:
+        return True
+    return hashlib.md5(path.read_bytes()).hexdigest() == etag
+
+
+def pyiqa_cache_dir(cfg: StorageConfig) -> Path:
+    if cfg.weights_dir:
+        return Path(cfg.weights_dir).expanduser()
+    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
+
+    return Path(DEFAULT_CACHE_DIR)
+
+
+def sync_weights(cfg: StorageConfig, uri: str | None = None, dest: Path | None = None) -> dict[str, list[str]]:
+    """Mirror pyiqa weight files from `storage.weights_uri` into the local cache (one-way).
+
+    Files already present with the same size/MD5 are skipped; others are downloaded to a temp
+    name and renamed, so a worker never sees a truncated weight file.
+    """
+    uri = uri or cfg.weights_uri
+    if not uri:
+        raise StorageError("storage.weights_uri is not set (an s3://bucket/prefix of pyiqa weights)")
+    endpoint = endpoint_url(cfg)
+    dest = Path(dest) if dest else pyiqa_cache_dir(cfg)
+    bucket, prefix = split_s3_uri(uri)
+    objects = list_objects(uri, endpoint)
+    if not objects:
+        raise StorageError(f"{uri}: no weight files under this prefix at {_where(endpoint)}")
+    client, done = s3_client(endpoint), {"downloaded": [], "unchanged": []}
+    for obj in objects:
+        rel = obj["Key"][len(prefix):].lstrip("/")
+        target = dest / rel
+        if _same_file(target, obj):
+            done["unchanged"].append(rel)
+            continue
+        _download(client, bucket, obj["Key"], target, uri, endpoint)
+        done["downloaded"].append(rel)
+    return done
+
+
+def require_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an http(s) MLflow tracking server does not answer.
+
+    MLflow's own client retries for minutes and then raises a long traceback.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        problem = str(getattr(err, "reason", err))
+    raise StorageError(f"MLflow tracking server {uri} is unreachable ({problem}); check "
+                       "MLFLOW_TRACKING_URI / tracking.uri")
+
+
+def configure_dvc_remote(root: Path, url: str, endpoint: str | None = None, name: str = "store") -> None:
+    """Make `url` (s3://bucket/prefix) the default DVC remote of the project at `root`.
+
+    The URL goes to `.dvc/config` (committed); the endpoint to `.dvc/config.local` (not
+    committed, machine-specific). Credentials stay in the environment (or are added by the user
+    with `dvc remote modify --local`): never written by restorl.
+    """
+    split_s3_uri(url)
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+
+    def call(*args: str) -> None:
+        proc = subprocess.run([dvc, *args], cwd=root, capture_output=True, text=True)
+        if proc.returncode:
+            raise StorageError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+    call("remote", "add", "--default", "--force", name, url)
+    if endpoint:
+        call("remote", "modify", "--local", name, "endpointurl", endpoint)

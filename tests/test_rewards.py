@@ -1,0 +1,114 @@
+"""Reward scorers: orientation, composites, NaN guard, hack controls, the learned model's io."""
+
+import pytest
+import torch
+
+from pipeline.iqa import MetricError
+from pipeline.models.reward_model import RewardModel
+from pipeline.rewards.hacks import HACKS
+from pipeline.rewards.scorers import Reward, RewardError, Scorer, Term, build_reward
+
+
+def _images(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    return gt, (gt + 0.3 * torch.randn(gt.shape, generator=g)).clamp(-1, 1)
+
+
+def test_fr_and_nr_pyiqa_terms_are_oriented_higher_is_better():
+    gt, noisy = _images()
+    reward = build_reward({"psnr": 1.0}, torch.device("cpu"))
+    assert (reward(gt, gt) > reward(noisy, gt)).all()
+    with pytest.raises(RewardError, match="'psnr' is full-reference and needs the GT"):
+        reward(noisy)
+    piqe = build_reward({"piqe": 1.0}, torch.device("cpu"))
+    # PIQE is lower-is-better; the reward negates it.
+    assert torch.allclose(piqe(noisy), -piqe.terms[0].scorer.metric(((noisy + 1) / 2)).reshape(-1).float())
+
+
+def test_composite_is_the_weighted_sum():
+    gt, noisy = _images()
+    both = build_reward({"psnr": 0.5, "ssim": 2.0}, torch.device("cpu"))
+    a = build_reward({"psnr": 1.0}, torch.device("cpu"))(noisy, gt)
+    b = build_reward({"ssim": 1.0}, torch.device("cpu"))(noisy, gt)
+    torch.testing.assert_close(both(noisy, gt), 0.5 * a + 2.0 * b)
+
+
+class _Broken(Scorer):
+    name, needs_reference, differentiable = "broken", False, False
+
+    def __call__(self, images, reference=None):
+        out = torch.zeros(images.shape[0])
+        out[1] = float("nan")
+        return out
+
+
+def test_nan_reward_is_an_error_not_a_zero():
+    with pytest.raises(RewardError, match="'broken' returned NaN/inf for 1 image"):
+        Reward([Term("broken", 1.0, _Broken())])(_images()[0])
+
+
+def test_unknown_metric_and_missing_learned_model_are_named(tmp_path):
+    with pytest.raises(MetricError, match="'no_such_metric'"):
+        build_reward({"no_such_metric": 1.0}, torch.device("cpu"))
+    with pytest.raises(RewardError, match=f"reward model at {tmp_path}/reward"):
+        build_reward({"learned": 1.0}, torch.device("cpu"), learned_path=tmp_path / "reward")
+
+
+def test_learned_reward_model_round_trip_and_gradient(tmp_path):
+    torch.manual_seed(0)
+    model = RewardModel(kernels=8, hidden=16).eval()  # CNNIQA has dropout
+    model.save(tmp_path / "reward")
+    reward = build_reward({"learned": 1.0}, torch.device("cpu"), learned_path=tmp_path / "reward")
+    gt, _ = _images()
+    torch.testing.assert_close(reward(gt), model(gt))
+    x = gt.clone().requires_grad_(True)
+    reward(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0, "reward feedback needs a gradient"
+
+
+def test_quantized_input_ignores_sub_grey_level_changes():
+    torch.manual_seed(0)
+    model = RewardModel(kernels=8, hidden=16).eval()
+    x = (torch.randint(0, 256, (2, 3, 32, 32)).float() / 255) * 2 - 1
+    torch.testing.assert_close(model(x), model(x + 0.2 / 255))
+
+
+@pytest.mark.parametrize("name", sorted(HACKS))
+def test_hack_controls_change_the_image_slightly(name):
+    gt, _ = _images()
+    out = HACKS[name](gt, torch.Generator().manual_seed(0))
+    assert out.shape == gt.shape and out.min() >= -1 and out.max() <= 1
+    diff = (out - gt).abs().mean()
+    assert 0 < diff < 0.5
+
+
+def test_ranking_pairs_put_the_better_image_first():
+    from pipeline.stages.reward import ranking_pairs
+
+    gt, lq = _images(n=4)
+    restored = gt.clone()
+    restored[:2] = lq[:2] + 0.5  # two restorations worse than their LQ, two perfect
+    better, worse = ranking_pairs(gt, lq, restored.clamp(-1, 1), torch.Generator().manual_seed(0))
+    n_hack_pairs = 2 * len(HACKS) * 4
+    assert len(better) == len(worse) == 4 + 4 + 2 + n_hack_pairs  # SFT≻LQ only where SFT is closer
+    torch.testing.assert_close(better[:4], gt)
+    torch.testing.assert_close(worse[:4], lq)
+    torch.testing.assert_close(better[8:10], restored[2:])
+
+
+def test_reward_stage_trains_and_reports_checks(workspace):
+    """The reward stage on the smoke profile: model, metrics with every check, an MLflow run."""
+    import json
+
+    from pipeline.stages import reward, sft
+    from tests.conftest import smoke_params
+
+    params = smoke_params()
+    sft.run(params, workspace)
+    checks = reward.run(params, workspace)
+    saved = json.loads((workspace / "metrics/reward.json").read_text())
+    assert saved == checks
+    assert set(saved["hack_mean"]) == set(HACKS)
+    assert 0 <= saved["gt_above_lq"] <= 1 and isinstance(saved["passed"], bool)
+    assert RewardModel.load(workspace / "checkpoints/reward")(torch.zeros(1, 3, 32, 32)).shape == (1,)
