@@ -95,3 +95,36 @@ def test_difficulty_tracker_window_and_state_round_trip():
     other = DifficultyTracker(torch.zeros(1))
     other.load_state_dict(tracker.state_dict())
     assert torch.equal(other.values, tracker.values)
+
+
+def test_collect_groups_rollouts_and_ppo_ratio_starts_at_one():
+    from pipeline.rl.rollout import collect, ppo_loss, step_log_prob
+
+    torch.manual_seed(0)
+    model = DiffusionRestorer.build(smoke_params().model, tasks=["a", "b"])
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    lq = torch.rand(2, 3, 16, 16) * 2 - 1
+    r = collect(model, lq, lq.clone(), ["a", "b"], group_size=3, steps=4, eta=1.0,
+                generator=torch.Generator().manual_seed(0))
+    assert r.n_groups == 2 and r.log_probs.shape == (4, 6) and r.x0.shape == (4, 6, 3, 16, 16)
+    assert r.tasks == ["a", "a", "a", "b", "b", "b"]
+    assert not torch.allclose(r.images[0], r.images[1]), "group members differ by their noise"
+    idx = torch.arange(6)
+    for step in range(3):
+        new, _ = step_log_prob(model, r, step, idx, eta=1.0)
+        loss, clipped = ppo_loss(new, r.log_probs[step], torch.ones(6), clip=1e-4)
+        torch.testing.assert_close(loss, -torch.ones(6))  # ratio exactly 1
+        assert not clipped.any()
+    with pytest.raises(ValueError, match="eta > 0"):
+        collect(model, lq, lq, ["a", "b"], 2, 4, 0.0, torch.Generator())
+
+
+def test_ppo_loss_clips_the_ratio_in_the_advantage_direction():
+    from pipeline.rl.rollout import ppo_loss
+
+    old = torch.zeros(2)
+    new = torch.log(torch.tensor([1.5, 0.5]))
+    loss, clipped = ppo_loss(new, old, torch.tensor([1.0, -1.0]), clip=0.2)
+    # Positive advantage, ratio 1.5 -> capped at 1.2; negative advantage, ratio 0.5 -> capped at 0.8.
+    torch.testing.assert_close(loss, torch.tensor([-1.2, 0.8]))
+    assert clipped.tolist() == [True, True]

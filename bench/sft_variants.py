@@ -1,0 +1,75 @@
+"""Compare SFT variants at a fixed step budget: PSNR gain over the LQ input on the test split.
+
+    python bench/sft_variants.py STEPS '{"sft": {"loss": "mse"}}' ['{"model": {...}}' ...]
+
+Run in a workspace whose `data/prepared` exists (`restorl prepare`). Each argument after STEPS
+is a params override (JSON, deep-merged over ./params.yaml); each variant trains from the
+same seed for STEPS steps, in process, without MLflow, and prints the mean PSNR gain
+(restored - LQ, dB) overall for 1 and for `evaluate.sampling.steps` DDIM steps, and per task.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+
+from pipeline.config import deep_merge, load_raw, validate
+from pipeline.data.dataset import load_split, random_dihedral
+from pipeline.models.restorer import DiffusionRestorer
+
+
+def psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(4 / ((x.clamp(-1, 1) - gt) ** 2).mean(dim=(1, 2, 3)))
+
+
+def train_and_score(override: dict, steps: int) -> dict:
+    params = validate(deep_merge(load_raw("params.yaml"), override), "variant")
+    torch.set_num_threads(params.runtime.threads)
+    torch.manual_seed(params.runtime.seed)
+    train, test = load_split("data/prepared", "train"), load_split("data/prepared", "test")
+    model = DiffusionRestorer.build(params.model, train.tasks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.sft.lr)
+    ema = EMAModel(model.unet.parameters(), decay=params.sft.ema_decay or 0.0)
+    generator = torch.Generator().manual_seed(params.runtime.seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (params.sft.batch_size,), generator=generator)
+        gt, lq = random_dihedral(train.gt[idx], train.lq[idx], generator)
+        loss = model.sft_loss(gt, lq, generator, relative=params.sft.loss == "relative_mse",
+                              tasks=[train.tasks[i] for i in idx.tolist()]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.sft.grad_clip)
+        optimizer.step()
+        ema.step(model.unet.parameters())
+    ema.copy_to(model.unet.parameters())
+    model.eval()
+    tasks = np.array(test.tasks)
+    base = psnr(test.lq, test.gt)
+    gains = {}
+    with torch.no_grad():
+        for n in (1, params.evaluate.sampling.steps):
+            out = model.sample(test.lq, n, 0.0, torch.Generator().manual_seed(0), tasks=test.tasks).image
+            gains[n] = psnr(out, test.gt) - base
+    last = gains[params.evaluate.sampling.steps]
+    return {"variant": override, "steps": steps, "seconds": round(time.perf_counter() - t0),
+            "gain_db": {n: round(float(g.mean()), 2) for n, g in gains.items()},
+            "per_task_gain_db": {t: round(float(last[torch.from_numpy(tasks == t)].mean()), 2)
+                                 for t in sorted(set(tasks))}}
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    steps = int(sys.argv[1])
+    for arg in sys.argv[2:]:
+        print(json.dumps(train_and_score(json.loads(arg), steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
