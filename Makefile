@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean serve
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Serve prefect.yaml's deployments from this machine; needs PREFECT_API_URL (docs/prefect.md).
+serve: setup
+	$(BIN)/python -m flows.serve
 
 bench: setup
 	$(BIN)/python bench/sft_speed.py

@@ -1,0 +1,332 @@
+"""The flow and its deployments against a real `prefect server start` (SQLite in a temp dir).
+
+One server for the session; flows run in this process with PREFECT_API_URL pointing at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+import zc.lockfile
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterName,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.workers.base import BaseJobConfiguration
+
+from flows.local_server import PREFECT, local_server, server_env
+from flows.training import PROMOTE, artifact_key, stage_order, training_pipeline
+from tests.conftest import BIN, REPO
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    with local_server(home) as url:
+        yield url, home
+
+
+@pytest.fixture
+def api(prefect_api):
+    url, _ = prefect_api
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+def _run(args: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def new_workspace(root: Path, remote: Path | None = None) -> Path:
+    """A git+DVC workspace holding this repo's pipeline, as a deployment's clone would."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    _run(["git", "init", "-q"], root)
+    _run([BIN / "dvc", "init", "-q"], root)
+    if remote:
+        _run([BIN / "dvc", "remote", "add", "-d", "store", remote], root)
+    return root
+
+
+def _pipeline_stages(root: Path) -> list[str]:
+    return [s for s in stage_order(root / "dvc.yaml") if s != PROMOTE]
+
+
+def _task_runs(flow_run_id) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# deployments and schedules
+
+
+def _cron_matches(cron: str, tz: str, when) -> bool:
+    """Whether `when` fits the minute, hour and weekday fields of a simple cron (numbers or *)."""
+    minute, hour, _, _, weekday = cron.split()
+    local = when.astimezone(ZoneInfo(tz))
+    return ((minute == "*" or local.minute == int(minute)) and (hour == "*" or local.hour == int(hour))
+            and (weekday == "*" or (local.isoweekday() % 7) == int(weekday)))
+
+
+def test_deploy_schedules_runs_with_parameters(prefect_api, tmp_path):
+    url, home = prefect_api
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    # `prefect deploy` reads prefect.yaml and imports the entrypoint from its directory.
+    shutil.copy(REPO / "prefect.yaml", tmp_path / "prefect.yaml")
+    shutil.copytree(REPO / "flows", tmp_path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "infra", tmp_path / "infra")
+    env = server_env(home, url) | {"RESTORL_GIT_REPO": "https://git.example/restorl.git",
+                                   "RESTORL_GIT_REF": "release-7", "RESTORL_IMAGE": "registry.example/restorl:7"}
+    _run([PREFECT, "work-pool", "create", "gpu", "--type", "kubernetes", "--overwrite",
+          "--base-job-template", "infra/k8s/gpu-base-job-template.json"], tmp_path, env)
+    _run([PREFECT, "work-pool", "create", "local", "--type", "process", "--overwrite"], tmp_path, env)
+    _run([PREFECT, "--no-prompt", "deploy", "--all"], tmp_path, env)
+
+    specs = {d["name"]: d for d in config["deployments"]}
+    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert set(specs) <= set(deployments)
+        for name, spec in specs.items():
+            dep = deployments[name]
+            assert dep.parameters == spec["parameters"], name
+            assert set(dep.tags) == set(spec["tags"]), name
+            assert dep.global_concurrency_limit.limit == 1, name
+            assert dep.work_pool_name == spec["work_pool"]["name"], name
+        nightly = deployments["nightly-rl-finetune"]
+        clone = nightly.pull_steps[0]["prefect.deployments.steps.git_clone"]
+        assert (clone["repository"], clone["branch"]) == ("https://git.example/restorl.git", "release-7")
+        assert nightly.job_variables["image"] == "registry.example/restorl:7"
+
+        # The scheduler service (absent from prefect_test_harness) makes the runs by itself.
+        scheduled = {n: s for n, s in specs.items() if s.get("schedules")}
+        ids = [deployments[n].id for n in scheduled]
+        deadline = time.monotonic() + 90
+        while True:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)))
+            by_dep = {dep_id: [r for r in runs if r.deployment_id == dep_id] for dep_id in ids}
+            if all(by_dep.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        for name, spec in scheduled.items():
+            runs = by_dep[deployments[name].id]
+            assert runs, f"the scheduler made no run for {name}"
+            [schedule] = spec["schedules"]
+            for run in runs:
+                assert run.state.type.value == "SCHEDULED" and run.state.name == "Scheduled"
+                assert run.parameters == spec["parameters"]
+                assert _cron_matches(schedule["cron"], schedule["timezone"], run.expected_start_time), \
+                    f"{name}: {run.expected_start_time} does not fit {schedule['cron']}"
+        unscheduled = [deployments[n].id for n in specs if n not in scheduled]
+        assert not client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=unscheduled)))
+
+        # What a Kubernetes worker would build for the weekly run: the server's copy of the
+        # pool template, filled with the deployment's job variables by Prefect's own templating.
+        pool = client.read_work_pool("gpu")
+        assert pool.type == "kubernetes"
+        weekly = deployments["weekly-full-retrain"]
+
+        class KubernetesLikeJob(BaseJobConfiguration):
+            job_manifest: dict[str, Any]
+
+        job = asyncio.run(_from_template(KubernetesLikeJob, pool.base_job_template, weekly.job_variables, url))
+        [container] = job.job_manifest["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == specs["weekly-full-retrain"]["work_pool"][
+            "job_variables"]["gpu_count"]
+        assert container["image"] == "registry.example/restorl:7"
+
+
+async def _from_template(cls, template, values, url):
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        from prefect.client.orchestration import get_client as get_async_client
+
+        async with get_async_client() as client:
+            return await cls.from_template_and_values(template, values, client=client)
+
+
+# ---------------------------------------------------------------------------------------------
+# the flow, end to end on the smoke profile
+
+
+@pytest.fixture(scope="module")
+def built(prefect_api, tmp_path_factory):
+    """A workspace after one flow run from scratch (smoke profile, pushing to a local remote)."""
+    url, _ = prefect_api
+    base = tmp_path_factory.mktemp("flow")
+    root = new_workspace(base / "ws", remote=base / "remote")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        start = time.perf_counter()
+        state = training_pipeline(profile="smoke", workspace=str(root), retries=1, retry_delay_s=1,
+                                  return_state=True)
+        seconds = time.perf_counter() - start
+    return {"root": root, "remote": base / "remote", "state": state, "seconds": seconds}
+
+
+def test_flow_runs_every_stage_and_publishes(built, api):
+    root, state = built["root"], built["state"]
+    assert state.is_completed(), state.message
+    results = state.result()
+    stages = _pipeline_stages(root)
+    assert [r["stage"] for r in results] == [*stages, PROMOTE]
+    assert all(r["ran"] and r["pushed"] for r in results[:-1])
+    assert results[-1].get("skipped") == "not requested"
+
+    # DVC owns the result: every stage is in the lock file and nothing is out of date.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(stages) <= set(lock["stages"])
+    status = _run([BIN / "dvc", "status", *stages], root).stdout
+    assert "up to date" in status, status
+    assert (root / "checkpoints/sft").is_dir() and (root / "plots/eval_grid.png").stat().st_size > 0
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert metrics["n_test"] == 7  # the smoke profile's test patches, so the profile was applied
+    # Pushed: the remote holds every cached output DVC lists for the stages.
+    remote_status = _run([BIN / "dvc", "status", "--cloud", *stages], root).stdout
+    assert "are in sync" in remote_status, remote_status
+    assert any(p.is_file() for p in built["remote"].rglob("*"))
+
+    # One markdown artifact per stage, with its metrics and a link to its MLflow run.
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    assert {artifact_key(s) for s in stages} <= set(by_key)
+    for stage in stages:
+        info = json.loads((root / f".restorl/runs/{stage}.json").read_text())
+        text = by_key[artifact_key(stage)].data
+        assert by_key[artifact_key(stage)].type == "markdown"
+        assert f"[{info['run_id']}](" in text and f"/runs/{info['run_id']})" in text, text
+    evaluate_md = by_key[artifact_key("evaluate")].data
+    assert f"| evaluate.json:overall.sft.psnr | {metrics['overall']['sft']['psnr']:.4g} |" in evaluate_md
+    assert "ran in" in evaluate_md
+
+
+def test_second_run_skips_up_to_date_stages(built, api):
+    root = built["root"]
+    lock_before = (root / "dvc.lock").read_text()
+    runs_before = {p.name: p.read_text() for p in (root / ".restorl/runs").glob("*.json")}
+    start = time.perf_counter()
+    state = training_pipeline(profile="smoke", workspace=str(root), retries=1, retry_delay_s=1, return_state=True)
+    seconds = time.perf_counter() - start
+    assert state.is_completed(), state.message
+    results = state.result()
+    assert [r["ran"] for r in results[:-1]] == [False] * len(_pipeline_stages(root))
+    assert (root / "dvc.lock").read_text() == lock_before
+    assert {p.name: p.read_text() for p in (root / ".restorl/runs").glob("*.json")} == runs_before  # no new MLflow run
+    print(f"first run {built['seconds']:.1f} s, second run {seconds:.1f} s")
+    assert seconds < 0.5 * built["seconds"], (seconds, built["seconds"])
+
+
+# ---------------------------------------------------------------------------------------------
+# faults
+
+
+def test_transient_failure_is_retried(built, prefect_api, api, tmp_path):
+    """A real transient fault, no mock: another process holds DVC's repository lock."""
+    url, home = prefect_api
+    root = tmp_path / "ws"
+    shutil.copytree(built["root"], root, symlinks=True)
+    first = _pipeline_stages(root)[0]
+    name = f"lock-{uuid.uuid4().hex[:8]}"
+    lock = zc.lockfile.LockFile(str(root / ".dvc/tmp/lock"))
+    # The flow runs in its own process, as under a worker, so this one can watch and unlock.
+    script = (f"from flows.training import training_pipeline as f; f.with_options(flow_run_name={name!r})"
+              f"(profile='smoke', workspace={str(root)!r}, push=False, retries=3, retry_delay_s=3)")
+    with open(tmp_path / "flow.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=server_env(home, url),
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Unlock once the stage waits for its retry; at the latest after 20 s, which is
+        # still well before the retries (3 + 6 + 12 s apart) run out.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            run = _flow_run_named(name)
+            task_run = run and _task_runs(run.id).get(first)
+            if task_run and task_run.state.name in ("AwaitingRetry", "Retrying"):
+                break
+            time.sleep(0.5)
+    finally:
+        lock.close()
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:  # never leave a flow running after the test
+            proc.kill()
+    assert code == 0, (tmp_path / "flow.log").read_text()[-3000:]
+    run = _flow_run_named(name)
+    assert run.state.is_completed(), run.state.message
+    task_run = _task_runs(run.id)[first]
+    assert task_run.run_count >= 2 and task_run.state.is_completed()
+    with get_client(sync_client=True) as client:
+        history = client.read_task_run_states(task_run.id)
+    assert {"AwaitingRetry", "Retrying"} & {s.name for s in history}, [s.name for s in history]
+    # The retried failure was DVC's lock (the flow process's own log; states carry no message).
+    log = (tmp_path / "flow.log").read_text()
+    assert "Unable to acquire lock" in log and "StageTransientError" in log
+
+
+def _flow_run_named(name: str):
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    return runs[0] if runs else None
+
+
+def test_bad_override_fails_at_once(api, tmp_path):
+    root = new_workspace(tmp_path / "ws")
+    params_before = (root / "params.yaml").read_text()
+    state = training_pipeline(overrides={"sft": {"stepz": 3}}, workspace=str(root), retries=3,
+                              retry_delay_s=60, return_state=True)
+    assert state.is_failed()
+    assert "sft.stepz: unknown key" in state.message
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert [r.name.split("-")[0] for r in runs.values()] == ["params"]  # no stage started
+    assert next(iter(runs.values())).run_count == 1
+    assert not (root / "dvc.lock").exists() and (root / "params.yaml").read_text() == params_before
+
+
+def test_stage_user_error_is_not_retried(api, tmp_path):
+    root = new_workspace(tmp_path / "ws")
+    missing = tmp_path / "no-images-here"
+    start = time.perf_counter()
+    # Valid params (the schema cannot know the folder is absent): `restorl prepare` exits 2.
+    state = training_pipeline(profile="smoke", overrides={"prepare": {"source": {"kind": "folder", "path": str(missing)}}},
+                              workspace=str(root), retries=3, retry_delay_s=60, return_state=True)
+    assert state.is_failed()
+    assert f"error: {missing}: not a directory" in state.message, state.message
+    first = _pipeline_stages(root)[0]
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs[first].run_count == 1 and runs[first].state.is_failed()
+    assert set(runs) & set(_pipeline_stages(root)) == {first}  # nothing after it ran
+    assert time.perf_counter() - start < 60  # no retry delay was waited
+
+
+def test_unknown_git_ref_fails_at_once(api, tmp_path):
+    root = new_workspace(tmp_path / "ws")
+    state = training_pipeline(git_ref="no-such-branch", workspace=str(root), return_state=True)
+    assert state.is_failed() and "git ref 'no-such-branch' not found" in state.message
+    assert not _task_runs(state.state_details.flow_run_id)
