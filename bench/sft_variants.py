@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from pipeline.config import deep_merge, load_raw, validate
 from pipeline.data.dataset import load_split, random_dihedral
 from pipeline.models.restorer import DiffusionRestorer
+from pipeline.stages.sft import sample_weights
 
 
 def psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -36,12 +37,13 @@ def train_and_score(override: dict, steps: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.sft.lr)
     ema = EMAModel(model.unet.parameters(), decay=params.sft.ema_decay or 0.0)
     generator = torch.Generator().manual_seed(params.runtime.seed)
+    weights = sample_weights(params.sft.loss, train)
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, len(train), (params.sft.batch_size,), generator=generator)
         gt, lq = random_dihedral(train.gt[idx], train.lq[idx], generator)
-        loss = model.sft_loss(gt, lq, generator, relative=params.sft.loss == "relative_mse",
-                              tasks=[train.tasks[i] for i in idx.tolist()]).mean()
+        loss = (model.sft_loss(gt, lq, generator, tasks=[train.tasks[i] for i in idx.tolist()])
+                * weights[idx]).mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), params.sft.grad_clip)

@@ -159,11 +159,11 @@ class SamplingConfig(Section):
 
 class SftConfig(Section):
     steps: int = Field(1000, ge=1)
-    # mse: mean of per-sample MSE. relative_mse: each sample's MSE divided by its LQ error
-    # |GT - LQ|^2 (1.0 = no better than the LQ), meant to keep large-residual tasks (low light)
-    # from drowning out mild ones. Measured (README): it over-weights near-clean patches and
-    # kept the model at the identity, so mse with task conditioning is the default.
-    loss: Literal["mse", "relative_mse"] = "mse"
+    # mse: plain mean. task_balanced: each sample's loss divided by the mean LQ error |GT - LQ|^2
+    # of its task over the training split, so a task with large residuals (low light, ~80x
+    # the MSE of slight blur) does not own the gradient. One weight per task, not per sample:
+    # per-sample weights gave near-clean patches huge weights and froze the model (README).
+    loss: Literal["mse", "task_balanced"] = "mse"
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -120,3 +120,20 @@ def test_task_conditioned_model_needs_known_task_names(tmp_path):
 def test_task_conditioning_can_be_switched_off():
     model = DiffusionRestorer.build(smoke_params(model={"task_conditioning": False}).model, tasks=["jpeg"])
     assert model.tasks is None and model.unet.class_embedding is None
+
+
+def test_task_balanced_weights_equalise_tasks():
+    from pipeline.data.dataset import PairedSplit
+    from pipeline.stages.sft import sample_weights
+
+    gt = torch.zeros(4, 3, 8, 8)
+    lq = gt.clone()
+    lq[:2] += 0.5  # a task with a large residual (low-light-like)
+    lq[2:] += 0.05  # a mild one
+    data = PairedSplit(gt, lq, [{"task": t} for t in ["big", "big", "mild", "mild"]])
+    w = sample_weights("task_balanced", data)
+    lq_error = ((gt - lq) ** 2).mean(dim=(1, 2, 3))
+    # Weighted, both tasks contribute equally; the weights average to 1.
+    torch.testing.assert_close((w * lq_error)[:2].sum(), (w * lq_error)[2:].sum(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    assert torch.equal(sample_weights("mse", data), torch.ones(4))

@@ -137,12 +137,8 @@ class DiffusionRestorer(torch.nn.Module):
         return signal + cond if self.residual else signal
 
     def sft_loss(self, gt: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-                 relative: bool = False, floor: float = 1e-4, tasks: list[str] | None = None) -> torch.Tensor:
-        """Per-sample denoising loss (B,) for the configured prediction target (pixel mean).
-
-        relative: divide by the sample's LQ error |GT - LQ|^2 in signal units, so that 1.0
-        means "no better than the LQ" whatever the task's error scale.
-        """
+                 tasks: list[str] | None = None) -> torch.Tensor:
+        """Per-sample denoising loss (B,) for the configured prediction target (pixel mean)."""
         x0 = self.signal(gt, cond)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
         t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],),
@@ -152,10 +148,7 @@ class DiffusionRestorer(torch.nn.Module):
         target = {"epsilon": noise, "sample": x0}.get(kind)
         if target is None:
             target = self.train_scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(self.predict(x_t, t, cond, tasks), target, reduction="none").mean(dim=(1, 2, 3))
-        if relative:
-            loss = loss / (((gt - cond) * self.signal_scale) ** 2).mean(dim=(1, 2, 3)).add(floor)
-        return loss
+        return F.mse_loss(self.predict(x_t, t, cond, tasks), target, reduction="none").mean(dim=(1, 2, 3))
 
     # ------------------------------------------------------------------ sampling
 

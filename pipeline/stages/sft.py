@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
-from pipeline.data.dataset import load_split, random_dihedral
+from pipeline.data.dataset import PairedSplit, load_split, random_dihedral
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
@@ -36,6 +36,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     device = setup_runtime(params.runtime)
     train = load_split(paths.data, "train")
     gt_all, lq_all = train.gt.to(device), train.lq.to(device)
+    weights = sample_weights(cfg.loss, train).to(device)
 
     model = DiffusionRestorer.build(params.model, train.tasks).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -61,7 +62,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             gt, lq, tasks = gt_all[idx], lq_all[idx], [train.tasks[i] for i in idx.tolist()]
             if cfg.augment:
                 gt, lq = random_dihedral(gt, lq, generator)
-            loss = model.sft_loss(gt, lq, generator, relative=cfg.loss == "relative_mse", tasks=tasks).mean()
+            loss = (model.sft_loss(gt, lq, generator, tasks=tasks) * weights[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -95,6 +96,17 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     print(f"sft: {cfg.steps} steps in {seconds:.0f}s, final loss {history['loss'][-1]:.4g}; "
           f"registered {params.tracking.registered_model} v{version}")
     return {"steps": cfg.steps, "seconds": seconds, "model_version": version}
+
+
+def sample_weights(kind: str, data: PairedSplit) -> torch.Tensor:
+    """Loss weight of each training sample: 1, or 1 / its task's mean LQ error (mean weight 1)."""
+    if kind == "mse":
+        return torch.ones(len(data))
+    lq_error = ((data.gt - data.lq) ** 2).mean(dim=(1, 2, 3))
+    tasks = data.tasks
+    task_error = {t: lq_error[[i for i, x in enumerate(tasks) if x == t]].mean() for t in set(tasks)}
+    weights = torch.stack([1.0 / (task_error[t] + 1e-6) for t in tasks])
+    return weights / weights.mean()
 
 
 def _data_hash(paths: Paths) -> str:
