@@ -56,7 +56,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert len(tags["restorl.data_hash"]) == 16 and len(tags["restorl.params_hash"]) == 16
 
     # The registered model restores an image through the pyfunc flavour.
-    assert client.get_model_version_by_alias("restorer", "challenger").version == "1"
+    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "1"
     model = mlflow.pyfunc.load_model("models:/restorer@challenger")
     import numpy as np
 
@@ -78,4 +78,4 @@ def test_dvc_repro_end_to_end(tmp_path):
     third = run_tool([str(BIN / "dvc"), "repro"], tmp_path)
     assert _ran_stages(third.stdout) == ["sft", "evaluate", "promote"]
     assert len(client.search_model_versions("name='restorer'")) == 2
-    assert client.get_model_version_by_alias("restorer", "challenger").version == "2"
+    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "2"

@@ -40,7 +40,10 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
         task = opts["task"] or None
         if task is None and self.model.tasks and len(self.model.tasks) == 1:
             task = self.model.tasks[0]
-        tasks = [task] * len(cond) if self.model.tasks else None
+        tasks = [task] * len(cond) if self.model.tasks and task else None
+        if self.model.tasks and not tasks:
+            raise ValueError(f"this restorer is task-conditioned: name the task with params={{'task': ...}}, "
+                             f"one of {self.model.tasks}")
         with torch.no_grad():
             out = self.model.sample(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator,
                                     tasks=tasks)
