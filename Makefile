@@ -32,4 +32,4 @@ bench: setup
 	$(BIN)/python bench/sft_speed.py
 
 clean:
-	rm -rf data/prepared checkpoints metrics plots mlflow.db mlartifacts .restorl
+	rm -rf data/prepared data/difficulty.csv checkpoints metrics plots mlflow.db mlartifacts .restorl

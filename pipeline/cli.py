@@ -15,6 +15,7 @@ import yaml
 from pipeline.config import ConfigError, load_params, load_raw, validate
 from pipeline.data.sources import DataError
 from pipeline.iqa import MetricError
+from pipeline.rewards.scorers import RewardError
 from pipeline.storage import StorageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -22,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 ProfileOpt = typer.Option(None, "--profile", help="profile in profiles/ merged over the params file")
-USER_ERRORS = (ConfigError, DataError, MetricError, FileNotFoundError, StorageError)
+USER_ERRORS = (ConfigError, DataError, MetricError, RewardError, FileNotFoundError, StorageError)
 
 
 def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], errors: tuple = ()) -> None:
@@ -71,6 +72,22 @@ def reward(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> Non
     _run_stage(stage.run, params, profile)
 
 
+@app.command()
+def score(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Score training samples' difficulty under the SFT model (data/difficulty.csv, plots/)."""
+    from pipeline.stages import score as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command()
+def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Difficulty-adaptive RL fine-tuning of the SFT model from the reward (checkpoints/rl)."""
+    from pipeline.stages import rl as stage
+
+    _run_stage(stage.run, params, profile)
+
+
 @app.command("params")
 def show_params(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout")) -> None:
@@ -115,6 +132,13 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
         if code:
             mlflow.set_tag("restorl.failed", "true")
             raise typer.Exit(code)
+    rl_file = Path("metrics/rl.json")
+    if rl_file.exists():
+        rl = json.loads(rl_file.read_text())
+        val = rl["val"]
+        typer.echo(f"\nRL (metrics/rl.json): {rl['rollouts']} rollouts, best epoch {rl['best_epoch']} of {rl['epochs']}; "
+                   f"val reward {val['rl']['reward']:.4g} (SFT {val['sft']['reward']:.4g}), "
+                   f"val PSNR {val['rl']['psnr']:.2f} dB (SFT {val['sft']['psnr']:.2f})")
     metrics_file = Path("metrics/evaluate.json")
     if metrics_file.exists():
         typer.echo("\nTest split (metrics/evaluate.json):")

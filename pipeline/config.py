@@ -170,6 +170,9 @@ class SftConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float | None = Field(0.99, ge=0, lt=1)
     warmup_steps: int = Field(50, ge=0)
+    # A diffusers get_scheduler name, after `warmup_steps`; cosine decays to 0 at `steps`, so
+    # the final weights are not a snapshot of a noisy constant-LR walk.
+    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "cosine"
     augment: bool = True
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
@@ -198,6 +201,117 @@ class RewardConfig(Section):
     hidden: int = Field(800, ge=1)
     # Training patches restored by the SFT model to make GT > SFT > LQ pairs.
     sft_samples: int = Field(512, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# score / rl
+
+
+def _known_part(name: str, registry: dict, what: str) -> str:
+    """An RL part chosen by name must be one its registry holds."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} '{name}'; known: {sorted(registry)}")
+    return name
+
+
+class ScoreConfig(Section):
+    """Difficulty of training samples under the SFT model: the RL stage's pool and its seed.
+
+    difficulty = reward(GT) - reward(output) + fidelity_weight * (1 - SSIM(output, GT)).
+    Outputs are sampled the way RL rolls out (`rl.steps`, `rl.eta`), so the score table and
+    the online refresh from rollouts measure the same thing.
+    """
+
+    # How many training patches to score (a seeded random subset); null: all of them.
+    # RL draws its images from the scored ones.
+    samples: int | None = Field(192, ge=2)
+    fidelity_weight: float = Field(1.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    bins: int = Field(30, ge=2, description="histogram bins of plots/difficulty_hist.png")
+
+
+class DifficultyConfig(Section):
+    """Mixing of the RL and SFT losses per sample: w * L_RL + (1 - w) * lambda_sft * L_SFT."""
+
+    # adaptive: w ramps from 0 at quantile q_lo to 1 at q_hi of the running difficulties.
+    # uniform: every sample gets the adaptive rule's mean weight 1 - (q_lo + q_hi) / 2 (ablation).
+    weighting: str = "adaptive"
+    q_lo: float = Field(0.3, ge=0, le=1)
+    q_hi: float = Field(0.7, ge=0, le=1)
+    window: int = Field(512, ge=1, description="running window of difficulties for the quantiles")
+    lambda_sft: float = Field(1.0, ge=0)
+    # Share of each epoch's images drawn in proportion to their difficulty rank (0: uniform draw).
+    oversample: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("weighting")
+    @classmethod
+    def _known_weighting(cls, v: str) -> str:
+        from pipeline.rl.difficulty import WEIGHTINGS
+
+        return _known_part(v, WEIGHTINGS, "weighting")
+
+    @model_validator(mode="after")
+    def _ordered_quantiles(self) -> "DifficultyConfig":
+        if self.q_lo >= self.q_hi:
+            raise ValueError(f"q_lo ({self.q_lo}) must be below q_hi ({self.q_hi})")
+        return self
+
+
+class RlConfig(Section):
+    """Difficulty-adaptive PPO from the learned reward, with a KL anchor to the SFT model."""
+
+    epochs: int = Field(8, ge=1)
+    images_per_epoch: int = Field(8, ge=1, description="LQ images rolled out per epoch")
+    group_size: int = Field(4, ge=2, description="rollouts per LQ image (the advantage's group)")
+    steps: int = Field(10, ge=2, description="DDIM steps of a rollout")
+    eta: float = Field(1.0, gt=0, le=1, description="DDIM eta; > 0 makes each step a Gaussian policy")
+    # Scorer name -> weight (pipeline/rewards/scorers.py); `learned` is the reward stage's model.
+    reward: dict[str, float] = Field(default_factory=lambda: {"learned": 1.0})
+    # Reward checkpoints: after k of `steps` denoising steps the predicted clean image is scored
+    # (k = steps: the final image, which must be listed). Each is normalised within its group.
+    reward_steps: list[int] = Field(default_factory=lambda: [5, 10])
+    advantage_std: Literal["group", "global"] = "group"
+    advantage_clip: float = Field(5.0, gt=0)
+    # How checkpoint advantages become per-step advantages (pipeline/rl/credit.py, by name).
+    step_credit: str = "next_checkpoint"
+    # Share of the stochastic steps trained per sample and inner epoch (a seeded random subset).
+    train_step_fraction: float = Field(0.35, gt=0, le=1)
+    inner_epochs: int = Field(1, ge=1)
+    minibatch: int = Field(16, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ppo_clip: float = Field(1e-3, gt=0)
+    # The KL's pull on a step mean relative to the policy gradient's push is about
+    # beta * sqrt(2 KL) / mean|A| (logged as kl_pull); at lr 3e-5 KL stays ~1e-5 per step, so
+    # beta must be ~50 for that to reach ~0.1-0.3. beta 0.05 (a common default) does nothing.
+    kl_beta: float = Field(50.0, ge=0)
+    difficulty: DifficultyConfig = DifficultyConfig()
+    # Validation each epoch on this many val patches (evaluate.sampling): the best epoch by
+    # val reward gain over SFT among those whose PSNR fell by at most psnr_guard dB ships.
+    val_images: int = Field(24, ge=1)
+    psnr_guard: float = Field(0.3, ge=0)
+
+    @field_validator("step_credit")
+    @classmethod
+    def _known_credit(cls, v: str) -> str:
+        from pipeline.rl.credit import STEP_CREDIT
+
+        return _known_part(v, STEP_CREDIT, "step_credit")
+
+    @field_validator("reward")
+    @classmethod
+    def _some_reward(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("needs at least one scorer, e.g. {learned: 1.0}")
+        return v
+
+    @model_validator(mode="after")
+    def _checkpoints_within_steps(self) -> "RlConfig":
+        ks = self.reward_steps
+        if not ks or ks != sorted(set(ks)) or ks[0] < 1 or ks[-1] != self.steps:
+            raise ValueError(f"reward_steps {ks} must be increasing step counts in [1, steps] ending "
+                             f"with steps={self.steps} (the final image)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +358,8 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     sft: SftConfig = SftConfig()
     reward: RewardConfig = RewardConfig()
+    score: ScoreConfig = ScoreConfig()
+    rl: RlConfig = RlConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()

@@ -27,6 +27,15 @@ class Paths:
         return self.root / "checkpoints" / "reward"
 
     @property
+    def rl_model(self) -> Path:
+        return self.root / "checkpoints" / "rl"
+
+    @property
+    def difficulty_table(self) -> Path:
+        # One row per scored training patch (the score stage); the RL stage's pool.
+        return self.root / "data" / "difficulty.csv"
+
+    @property
     def resume(self) -> Path:
         # Training state for resuming a killed run. Not a DVC output: DVC deletes outputs
         # before it re-runs a stage, and this must survive that.

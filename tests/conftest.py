@@ -70,3 +70,18 @@ def workspace(tmp_path, prepared_smoke) -> Path:
     shutil.copytree(prepared_smoke / "data", tmp_path / "data")
     write_params(tmp_path, smoke_raw())
     return tmp_path
+
+
+def kill_mid_run(args: list[str], root: Path, state: Path, timeout: float = 300) -> int:
+    """Start `args` in `root`, SIGKILL it once it has written its resume `state`; the saved step."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(args, cwd=root, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
+    proc.wait()
+    assert state.exists(), "the run ended before its first checkpoint; the test needs a mid-run kill"
+    return torch.load(state, weights_only=False)["step"]

@@ -22,19 +22,38 @@ def _new_workspace(root):
     run_tool([str(BIN / "dvc"), "init", "-q"], root)
 
 
+STAGES = ("prepare", "sft", "reward", "score", "rl", "evaluate", "promote")
+
+
 def _ran_stages(output: str) -> list[str]:
-    return [s for s in ("prepare", "sft", "evaluate", "promote") if f"Running stage '{s}'" in output]
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 
 def test_dvc_repro_end_to_end(tmp_path):
     _new_workspace(tmp_path)
 
     first = run_tool([str(BIN / "restorl"), "repro"], tmp_path)
-    assert _ran_stages(first.stdout) == ["prepare", "sft", "evaluate", "promote"]
+    assert _ran_stages(first.stdout) == list(STAGES)
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert metrics["n_test"] == 7
-    assert {"lq", "sft", "gt"} <= set(metrics["overall"])
-    assert {"psnr", "ssim", "piqe"} <= set(metrics["overall"]["sft"])
+    controls = {"sft_dither", "sft_unsharp", "sft_blur", "sft_contrast"}
+    assert {"lq", "sft", "rl", "gt"} | controls <= set(metrics["overall"])
+    for row in ["sft", "rl", *controls]:
+        assert {"psnr", "ssim", "piqe", "reward"} <= set(metrics["overall"][row])
+    assert {"piqe", "reward"} <= set(metrics["overall"]["gt"])
+    assert set(metrics["per_task"]["gaussian_noise"]) >= {"n", "rl", "sft_blur"}
+
+    # reward, score and rl made their outputs.
+    assert (tmp_path / "checkpoints/reward/model.safetensors").exists()
+    assert json.loads((tmp_path / "metrics/reward.json").read_text())["gt_above_lq"] >= 0
+    table = (tmp_path / "data/difficulty.csv").read_text().splitlines()
+    assert table[0].startswith("index,id,task,reward_output,reward_gt") and len(table) == 1 + 16
+    assert (tmp_path / "plots/difficulty_hist.png").stat().st_size > 0
+    rl = json.loads((tmp_path / "metrics/rl.json").read_text())
+    assert rl["rollouts"] == 2 * 2 * 2 and 0 <= rl["best_epoch"] <= 2
+    assert (tmp_path / "checkpoints/rl/unet/diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "plots/rl_curves.csv").read_text().startswith("epoch,")
+    assert not (tmp_path / "checkpoints/resume/rl/state.pt").exists()
     assert (tmp_path / "plots/eval_grid.png").stat().st_size > 0
     assert (tmp_path / "plots/sft_loss.csv").read_text().startswith("step,loss")
     assert "Test split" in first.stdout and "overall" in first.stdout
@@ -43,20 +62,23 @@ def test_dvc_repro_end_to_end(tmp_path):
     client = MlflowClient()
     experiment = client.get_experiment_by_name("restorl")
     runs = {r.data.tags["restorl.stage"]: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"pipeline", "prepare", "sft", "evaluate", "promote"}
+    assert set(runs) == {"pipeline", *STAGES}
     parent = runs["pipeline"].info.run_id
-    assert runs["sft"].data.tags["mlflow.parentRunId"] == parent
-    assert runs["evaluate"].data.tags["mlflow.parentRunId"] == parent
+    for stage in STAGES:
+        assert runs[stage].data.tags["mlflow.parentRunId"] == parent, stage
     assert runs["sft"].data.params["sft.steps"] == "12"
-    assert "sft.psnr" in runs["evaluate"].data.metrics
-    versions = client.search_model_versions("name='restorer'")
-    assert len(versions) == 1
-    tags = versions[0].tags
-    assert tags["restorl.stage"] == "sft" and tags["restorl.run_id"] == runs["sft"].info.run_id
-    assert len(tags["restorl.data_hash"]) == 16 and len(tags["restorl.params_hash"]) == 16
+    assert "sft.psnr" in runs["evaluate"].data.metrics and "rl.reward" in runs["evaluate"].data.metrics
+    assert {"kl", "clip_frac", "val_psnr", "weight_rl", "reward.final.std"} <= set(runs["rl"].data.metrics)
+    versions = {str(v.version): v for v in client.search_model_versions("name='restorer'")}
+    assert set(versions) == {"1", "2"}
+    sft_tags, rl_tags = versions["1"].tags, versions["2"].tags
+    assert sft_tags["restorl.stage"] == "sft" and sft_tags["restorl.run_id"] == runs["sft"].info.run_id
+    assert rl_tags["restorl.stage"] == "rl" and rl_tags["restorl.run_id"] == runs["rl"].info.run_id
+    assert len(rl_tags["restorl.data_hash"]) == 16 and len(rl_tags["restorl.params_hash"]) == 16
 
-    # The registered model restores an image through the pyfunc flavour.
-    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "1"
+    # The RL model is the challenger (and, first of all, promoted); it restores through pyfunc.
+    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "2"
+    assert json.loads((tmp_path / "metrics/promote.json").read_text())["challenger"] == "2"
     model = mlflow.pyfunc.load_model("models:/restorer@challenger")
     import numpy as np
 
@@ -71,11 +93,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     second = run_tool([str(BIN / "dvc"), "repro"], tmp_path)
     assert _ran_stages(second.stdout) == []
 
-    # An SFT param changed: sft and evaluate run again, prepare does not.
+    # An RL param changed: rl runs again, nothing before it does (what follows runs only if the
+    # shipped model changed: a run whose best epoch is still the SFT model's leaves it as it was).
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    raw["sft"]["steps"] = 8
+    raw["rl"]["epochs"] = 1
     write_params(tmp_path, raw)
     third = run_tool([str(BIN / "dvc"), "repro"], tmp_path)
-    assert _ran_stages(third.stdout) == ["sft", "evaluate", "promote"]
-    assert len(client.search_model_versions("name='restorer'")) == 2
-    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "2"
+    assert _ran_stages(third.stdout)[0] == "rl" and set(_ran_stages(third.stdout)) <= {"rl", "evaluate", "promote"}
+    assert len(client.search_model_versions("name='restorer'")) == 3
+    assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "3"

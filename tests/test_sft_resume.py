@@ -1,13 +1,9 @@
 """A killed `restorl sft` resumes from its last checkpoint and ends where an uninterrupted run does."""
 
-import signal
-import subprocess
-import time
-
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, run_tool, smoke_raw, tool_env, write_params
+from tests.conftest import BIN, kill_mid_run, run_tool, smoke_raw, write_params
 
 
 def _params(root):
@@ -31,16 +27,8 @@ def test_killed_sft_resumes_and_matches_uninterrupted_run(workspace, tmp_path_fa
 
     _params(workspace)
     state = workspace / "checkpoints/resume/sft/state.pt"
-    proc = subprocess.Popen([str(BIN / "restorl"), "sft"], cwd=workspace, env=tool_env(workspace),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
-    proc.wait()
-    assert state.exists(), "the run ended before its first checkpoint; the test needs a mid-run kill"
+    killed_at = kill_mid_run([str(BIN / "restorl"), "sft"], workspace, state)
     assert not (workspace / "checkpoints/sft").exists(), "a killed run must not leave a final model"
-    killed_at = torch.load(state, weights_only=False)["step"]
     assert 0 < killed_at < 40
 
     resumed = run_tool([str(BIN / "restorl"), "sft"], workspace)

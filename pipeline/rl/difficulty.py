@@ -45,3 +45,47 @@ class DifficultyTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.values, self.window = state["values"], state["window"]
+
+
+def sample_difficulty(reward_gt: torch.Tensor, reward_out: torch.Tensor, ssim: torch.Tensor,
+                      fidelity_weight: float) -> torch.Tensor:
+    """Reward gap to the GT plus a fidelity distance: r(GT) - r(out) + f * (1 - SSIM)."""
+    return reward_gt - reward_out + fidelity_weight * (1 - ssim)
+
+
+def adaptive_weights(tracker: DifficultyTracker, difficulties: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
+    """Hard samples (high quantile among recent difficulties) get RL, easy ones SFT."""
+    return tracker.weights(difficulties, q_lo, q_hi)
+
+
+def uniform_weights(tracker: DifficultyTracker, difficulties: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
+    """The ablation: every sample gets the adaptive rule's mean weight over uniform quantiles,
+    1 - (q_lo + q_hi) / 2, so the RL/SFT mix is the same on average but blind to difficulty."""
+    return torch.full_like(difficulties, 1 - (q_lo + q_hi) / 2, dtype=torch.float)
+
+
+WEIGHTINGS = {"adaptive": adaptive_weights, "uniform": uniform_weights}
+
+
+def mixed_loss(w: torch.Tensor, rl_loss: torch.Tensor, sft_loss: torch.Tensor, lambda_sft: float) -> torch.Tensor:
+    """Per-sample w * L_RL + (1 - w) * lambda_sft * L_SFT."""
+    return w * rl_loss + (1 - w) * lambda_sft * sft_loss
+
+
+def draw_images(difficulties: torch.Tensor, n: int, oversample: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `n` distinct samples: round(oversample * n) drawn with probability
+    proportional to their difficulty quantile (hard ones more often), the rest uniformly."""
+    total = difficulties.numel()
+    if n > total:
+        raise ValueError(f"cannot draw {n} distinct samples from {total}")
+    n_hard = round(oversample * n)
+    picked = torch.empty(0, dtype=torch.long)
+    if n_hard:
+        q = quantiles(difficulties, difficulties) + 1.0 / total
+        picked = torch.multinomial(q, n_hard, replacement=False, generator=generator)
+    if n_hard == n:
+        return picked
+    rest = torch.ones(total)
+    rest[picked] = 0
+    others = torch.multinomial(rest, n - n_hard, replacement=False, generator=generator)
+    return torch.cat([picked, others])

@@ -1,8 +1,11 @@
-"""`evaluate`: restore the test split and score LQ, each model's output and GT.
+"""`evaluate`: restore the test split and score LQ, each model's output, the hack controls and GT.
 
-Full-reference metrics (PSNR, SSIM by pyiqa) compare with GT; no-reference metrics (PIQE) score
+Rows: LQ, SFT, RL (when `checkpoints/rl` exists), the hack controls applied to the SFT output
+(dither sigma 1/255, unsharp mask, 3x3 blur, contrast x1.05: an RL gain smaller than a
+control's is no gain) and GT. Full-reference metrics (PSNR, SSIM by pyiqa) compare with GT;
+no-reference metrics (PIQE, and the learned `reward` when `checkpoints/reward` exists) score
 each image alone, GT included. Figures are given overall and per degradation task.
-Output: `metrics/evaluate.json` (DVC metrics), `plots/eval_grid.png` (LQ | restored | GT), and
+Output: `metrics/evaluate.json` (DVC metrics), `plots/eval_grid.png` (LQ | SFT | RL | GT), and
 the same in an MLflow run.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -24,6 +28,8 @@ from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
+from pipeline.rewards.hacks import HACKS
+from pipeline.rewards.scorers import build_reward
 
 SECTIONS = ["evaluate"]
 
@@ -35,11 +41,20 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     with tracking.stage_run("evaluate", params, SECTIONS, root):
         outputs = {"lq": test.lq, "sft": restore(DiffusionRestorer.from_pretrained(paths.sft_model).to(device),
                                                  test, params, device)}
-        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics)
+        if paths.rl_model.exists():
+            outputs["rl"] = restore(DiffusionRestorer.from_pretrained(paths.rl_model).to(device), test, params, device)
+        shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
+        generator = torch.Generator().manual_seed(params.runtime.seed)
+        outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
+        scorers = {}
+        if paths.reward_model.exists():
+            learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
+            scorers["reward"] = lambda images: learned(images.to(device))
+        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers)
         metrics["sampling"] = cfg.sampling.model_dump()
         with atomic_file(paths.metrics / "evaluate.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
-        save_grid(paths.plots / "eval_grid.png", outputs, test, cfg.grid_images)
+        save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
         mlflow.log_metrics({k: v for k, v in tracking.flatten(metrics["overall"]).items()})
         mlflow.log_metrics({f"task.{k}": v for k, v in tracking.flatten(metrics["per_task"]).items()})
         mlflow.log_artifact(str(paths.metrics / "evaluate.json"))
@@ -48,28 +63,38 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     return metrics
 
 
-def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device: torch.device) -> torch.Tensor:
+def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device: torch.device,
+            progress: bool = True) -> torch.Tensor:
     """DDIM restoration of every LQ patch, seeded, in batches."""
     cfg = params.evaluate
     model.eval()
     generator = torch.Generator().manual_seed(params.runtime.seed)
     out = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch"):
+        for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch", disable=not progress):
             cond = data.lq[i:i + cfg.batch_size].to(device)
             tasks = data.tasks[i:i + cfg.batch_size]
             out.append(model.sample(cond, cfg.sampling.steps, cfg.sampling.eta, generator, tasks=tasks).image.cpu())
     return torch.cat(out)
 
 
-def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit,
-                  fr_metrics: list[str], nr_metrics: list[str]) -> dict:
-    """Mean of each metric per output row, overall and per task; GT gets the NR metrics."""
+def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],
+                  nr_metrics: list[str], scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:
+    """Mean of each metric per output row, overall and per task; GT gets the NR metrics.
+
+    `scorers`: further no-reference scores by name (higher is better), e.g. the learned reward.
+    """
+    scorers = scorers or {}
+
+    def no_reference(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = {m: iqa.score(m, images) for m in nr_metrics}
+        with torch.no_grad():
+            return scores | {name: fn(images).cpu() for name, fn in scorers.items()}
+
     per_image: dict[str, dict[str, torch.Tensor]] = {}
     for row, images in outputs.items():
-        per_image[row] = {m: iqa.score(m, images, data.gt) for m in fr_metrics}
-        per_image[row] |= {m: iqa.score(m, images) for m in nr_metrics}
-    per_image["gt"] = {m: iqa.score(m, data.gt) for m in nr_metrics}
+        per_image[row] = {m: iqa.score(m, images, data.gt) for m in fr_metrics} | no_reference(images)
+    per_image["gt"] = no_reference(data.gt)
 
     def means(mask: torch.Tensor) -> dict:
         return {row: {m: round(float(v[mask].mean()), 4) for m, v in scores.items()}
@@ -78,7 +103,7 @@ def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit,
     tasks = np.array(data.tasks)
     return {
         "n_test": len(data),
-        "higher_is_better": {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics},
+        "higher_is_better": {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics} | {m: True for m in scorers},
         "overall": means(torch.ones(len(data), dtype=torch.bool)),
         "per_task": {t: {"n": int((tasks == t).sum()), **means(torch.from_numpy(tasks == t))}
                      for t in sorted(set(tasks))},
@@ -106,11 +131,11 @@ def format_table(metrics: dict) -> str:
     """Plain-text table: one line per (task, row), one column per metric."""
     names = list(metrics["higher_is_better"])
     arrows = {m: "↑" if up else "↓" for m, up in metrics["higher_is_better"].items()}
-    header = f"{'task':<16}{'n':>5}  {'output':<8}" + "".join(f"{m + arrows[m]:>10}" for m in names)
+    header = f"{'task':<16}{'n':>5}  {'output':<14}" + "".join(f"{m + arrows[m]:>10}" for m in names)
     lines = [header, "-" * len(header)]
     blocks = [("overall", {"n": metrics["n_test"], **metrics["overall"]})] + list(metrics["per_task"].items())
     for task, block in blocks:
         for row, scores in ((k, v) for k, v in block.items() if k != "n"):
             cells = "".join(f"{scores[m]:>10.3f}" if m in scores else f"{'':>10}" for m in names)
-            lines.append(f"{task:<16}{block['n']:>5}  {row:<8}{cells}")
+            lines.append(f"{task:<16}{block['n']:>5}  {row:<14}{cells}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from diffusers.optimization import get_constant_schedule_with_warmup
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -40,7 +40,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     model = DiffusionRestorer.build(params.model, train.tasks).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_schedule = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    lr_schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                num_training_steps=cfg.steps)
     ema = EMAModel(model.unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(params.runtime.seed)
     resumable = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule} | ({"ema": ema} if ema else {})

@@ -1,0 +1,290 @@
+"""The `score` and `rl` stages and their parts: step credit, loss mixing, the score table,
+resume after a kill, evaluate's control rows, and clear errors for bad inputs."""
+
+import csv
+import shutil
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.config import ConfigError, validate
+from pipeline.data.dataset import load_split
+from pipeline.data.sources import DataError
+from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.reward_model import RewardModel
+from pipeline.paths import Paths
+from pipeline.rl.advantages import group_advantages
+from pipeline.rl.credit import STEP_CREDIT
+from pipeline.rl.difficulty import WEIGHTINGS, DifficultyTracker, draw_images, mixed_loss
+from pipeline.rl.rollout import collect
+from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw, write_params
+
+# ---------------------------------------------------------------------------------------------
+# parts
+
+
+class _Steps:
+    def __init__(self, n):
+        self.timesteps = list(range(n))
+
+
+def test_multi_step_rewards_are_normalised_per_checkpoint_and_credited_to_earlier_steps():
+    # Two groups of 3; checkpoint after 2 of 4 steps and the final image, on different scales.
+    early = torch.tensor([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
+    final = torch.tensor([[100.0, 300.0, 200.0], [1.0, 2.0, 3.0]])
+    adv_k = torch.stack([group_advantages(r, clip=5.0).flatten() for r in (early, final)])
+    for k in range(2):
+        per_group = adv_k[k].view(2, 3)
+        torch.testing.assert_close(per_group.mean(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
+    # The scale of a checkpoint's reward does not matter, only its ranking within the group.
+    torch.testing.assert_close(adv_k[1, :3], torch.tensor([-1.2247, 1.2247, 0.0]), atol=1e-4, rtol=0)
+    assert torch.equal(adv_k[0, 3:], torch.zeros(3)), "a group without spread at a checkpoint gets no signal"
+
+    per_step = STEP_CREDIT["next_checkpoint"](adv_k, [2, 4], _Steps(4))
+    assert per_step.shape == (4, 6)
+    # Steps 0 and 1 first show in the image predicted after 2 steps; steps 2 and 3 in the final one.
+    for step, k in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert torch.equal(per_step[step], adv_k[k])
+    terminal = STEP_CREDIT["terminal"](adv_k, [2, 4], _Steps(4))
+    assert all(torch.equal(terminal[s], adv_k[1]) for s in range(4))
+
+
+def test_checkpoint_rewards_score_the_predicted_image_at_each_checkpoint():
+    from pipeline.stages.rl import checkpoint_rewards
+
+    torch.manual_seed(0)
+    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    lq = torch.rand(2, 3, 16, 16) * 2 - 1
+    r = collect(model, lq, lq, ["a", "a"], group_size=2, steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    def mean_pixel(images, gt=None):  # a stand-in reward
+        return images.mean(dim=(1, 2, 3))
+
+    rewards = checkpoint_rewards(mean_pixel, r, [1, 3, 4])
+    assert rewards.shape == (3, 4)
+    torch.testing.assert_close(rewards[0], r.x0[1].clamp(-1, 1).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(rewards[1], r.x0[3].clamp(-1, 1).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(rewards[2], r.images.mean(dim=(1, 2, 3)))
+
+
+def test_difficulty_weighting_moves_hard_samples_to_rl_and_easy_ones_to_sft():
+    tracker = DifficultyTracker(torch.linspace(0, 1, 101))
+    difficulties = torch.tensor([0.05, 0.5, 0.95])  # easy, middling, hard
+    w = WEIGHTINGS["adaptive"](tracker, difficulties, 0.3, 0.7)
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 1.0]), atol=0.02, rtol=0)
+    rl, sft = torch.tensor([10.0, 10.0, 10.0]), torch.tensor([1.0, 1.0, 1.0])
+    loss = mixed_loss(w, rl, sft, lambda_sft=2.0)
+    # easy: only lambda_sft * L_SFT; hard: only L_RL; in between: half of each.
+    torch.testing.assert_close(loss, torch.tensor([2.0, 6.0, 10.0]), atol=0.25, rtol=0)
+    # The ablation: the same mean weight for everyone, blind to difficulty.
+    u = WEIGHTINGS["uniform"](tracker, difficulties, 0.3, 0.7)
+    assert torch.equal(u, torch.full((3,), 0.5))
+    u = WEIGHTINGS["uniform"](tracker, difficulties, 0.2, 0.4)
+    torch.testing.assert_close(u, torch.full((3,), 0.7))
+
+
+def test_oversampling_draws_hard_samples_more_often_and_never_twice():
+    difficulties = torch.arange(20, dtype=torch.float)
+    g = torch.Generator().manual_seed(0)
+    counts = {name: torch.zeros(20) for name in ("uniform", "oversampled")}
+    for _ in range(300):
+        for name, share in (("uniform", 0.0), ("oversampled", 1.0)):
+            picked = draw_images(difficulties, 5, share, g)
+            assert len(set(picked.tolist())) == 5
+            counts[name][picked] += 1
+    assert counts["oversampled"][15:].sum() > 1.5 * counts["uniform"][15:].sum()
+    with pytest.raises(ValueError, match="cannot draw 30 distinct samples from 20"):
+        draw_images(difficulties, 30, 0.0, g)
+
+
+def _rollouts():
+    torch.manual_seed(0)
+    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    lq = torch.rand(2, 3, 16, 16) * 2 - 1
+    gt = (lq + 0.1).clamp(-1, 1)
+    r = collect(model, lq, gt, ["a", "a"], group_size=2, steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    return model, r
+
+
+@pytest.mark.parametrize("w, changed_term", [(0.0, "rl"), (1.0, "sft")])
+def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
+    """w = 0: the PPO term cannot matter (only SFT + KL train); w = 1: the SFT term cannot."""
+    import copy
+
+    from pipeline.stages.rl import train_on_rollouts
+
+    base, r = _rollouts()
+    cfg = smoke_params(rl={"steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
+                           "train_step_fraction": 1.0, "lr": 1e-3}).rl
+    advantages = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for variant in ("plain", "changed"):
+        model = copy.deepcopy(base).train()
+        adv = advantages if variant == "plain" or changed_term == "sft" else -advantages
+        variant_cfg = cfg
+        if variant == "changed" and changed_term == "sft":
+            variant_cfg = cfg.model_copy(update={"difficulty": cfg.difficulty.model_copy(update={"lambda_sft": 50.0})})
+        optimizer = torch.optim.Adam(model.parameters(), lr=variant_cfg.lr)
+        train_on_rollouts(model, model.reference(), optimizer, r, adv, torch.full((4,), w), variant_cfg,
+                          torch.Generator().manual_seed(2))
+        runs[variant] = model.unet.state_dict()
+    for name, value in runs["plain"].items():
+        torch.testing.assert_close(value, runs["changed"][name], msg=name)
+    assert not torch.equal(runs["plain"]["conv_out.weight"], base.unet.state_dict()["conv_out.weight"]), "it trained"
+
+
+def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
+    """The control for the test above: at w = 0.5 flipping the advantages changes the update."""
+    import copy
+
+    from pipeline.stages.rl import train_on_rollouts
+
+    base, r = _rollouts()
+    cfg = smoke_params(rl={"steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
+                           "train_step_fraction": 1.0, "lr": 1e-3}).rl
+    advantages = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    weights = []
+    for sign in (1, -1):
+        model = copy.deepcopy(base).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        train_on_rollouts(model, model.reference(), optimizer, r, sign * advantages, torch.full((4,), 0.5), cfg,
+                          torch.Generator().manual_seed(2))
+        weights.append(model.unet.state_dict()["conv_out.weight"])
+    assert not torch.allclose(weights[0], weights[1])
+
+
+def test_rl_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"rl: .*reward_steps \[3, 5\] must .* ending with steps=10"):
+        validate(smoke_raw() | {"rl": {"reward_steps": [3, 5]}}, "x")
+    with pytest.raises(ConfigError, match=r"rl\.step_credit: unknown step_credit 'coca'"):
+        validate(smoke_raw() | {"rl": {"step_credit": "coca"}}, "x")
+    with pytest.raises(ConfigError, match=r"rl\.difficulty\.weighting: unknown weighting"):
+        validate(smoke_raw() | {"rl": {"difficulty": {"weighting": "hardest"}}}, "x")
+    with pytest.raises(ConfigError, match=r"rl\.difficulty: .*q_lo \(0.8\) must be below q_hi"):
+        validate(smoke_raw() | {"rl": {"difficulty": {"q_lo": 0.8, "q_hi": 0.2}}}, "x")
+    with pytest.raises(ConfigError, match=r"rl\.eta"):
+        validate(smoke_raw() | {"rl": {"eta": 0.0}}, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages on the smoke workspace (tiny untrained models standing in for sft and reward)
+
+
+@pytest.fixture
+def models_ready(workspace, monkeypatch):
+    """The prepared smoke workspace plus an SFT stand-in and a reward model, MLflow in SQLite."""
+    paths = Paths(workspace)
+    torch.manual_seed(0)
+    train = load_split(paths.data, "train")
+    model = DiffusionRestorer.build(smoke_params().model, train.tasks)
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
+    model.save_pretrained(paths.sft_model)
+    RewardModel(kernels=8, hidden=16).save(paths.reward_model)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    return workspace
+
+
+def test_score_table_holds_rewards_fidelity_and_difficulty(models_ready):
+    from pipeline.stages import score
+
+    params = smoke_params()
+    summary = score.run(params, models_ready)
+    paths = Paths(models_ready)
+    with open(paths.difficulty_table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == params.score.samples == summary["n"]
+    train = load_split(paths.data, "train")
+    for row in rows:
+        i = int(row["index"])
+        assert train.samples[i]["id"] == row["id"] and train.tasks[i] == row["task"]
+        out, gt, ssim = float(row["reward_output"]), float(row["reward_gt"]), float(row["ssim"])
+        assert float(row["reward_gap"]) == pytest.approx(gt - out, abs=1e-5)
+        assert float(row["difficulty"]) == pytest.approx(gt - out + params.score.fidelity_weight * (1 - ssim), abs=1e-4)
+        assert 0 < float(row["psnr"]) < 100
+    assert len({r["index"] for r in rows}) == len(rows), "each sample scored once"
+    assert (paths.plots / "difficulty_hist.png").read_bytes()[:4] == b"\x89PNG"
+    index, difficulty = score.read_table(paths.difficulty_table, train)
+    assert len(index) == len(rows) and torch.isfinite(difficulty).all()
+
+    # A table for other data is refused, naming the file and the sample.
+    text = paths.difficulty_table.read_text().replace(rows[0]["id"], "someone_else", 1)
+    paths.difficulty_table.write_text(text)
+    with pytest.raises(DataError, match=r"difficulty\.csv, line 2: sample 'someone_else' is not training patch"):
+        score.read_table(paths.difficulty_table, train)
+
+
+def test_rl_stage_trains_registers_and_refuses_a_too_small_pool(models_ready):
+    from pipeline.stages import rl, score
+
+    score.run(smoke_params(), models_ready)
+    summary = rl.run(smoke_params(), models_ready)
+    paths = Paths(models_ready)
+    assert (paths.rl_model / "unet/diffusion_pytorch_model.safetensors").exists()
+    assert summary["rollouts"] == 8 and summary["model_version"] == "1"
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("restorer", "challenger").tags["restorl.stage"] == "rl"
+    history = (paths.plots / "rl_curves.csv").read_text().splitlines()
+    assert len(history) == 1 + 2 and "reward.step2.mean" in history[0] and "kl_pull" in history[0]
+
+    with pytest.raises(DataError, match=r"rl\.images_per_epoch=40 exceeds the 16 scored samples"):
+        rl.run(smoke_params(rl={"images_per_epoch": 40}), models_ready)
+
+
+def test_evaluate_reports_rl_and_hack_controls(models_ready):
+    from pipeline.stages import evaluate
+
+    shutil.copytree(Paths(models_ready).sft_model, Paths(models_ready).rl_model)
+    metrics = evaluate.run(smoke_params(), models_ready)
+    rows = ["lq", "sft", "rl", "sft_dither", "sft_unsharp", "sft_blur", "sft_contrast", "gt"]
+    assert list(metrics["overall"]) == rows
+    assert metrics["higher_is_better"]["reward"] is True
+    for task, block in metrics["per_task"].items():
+        assert set(rows) <= set(block), task
+    # Same weights, same seed: RL equals SFT; the controls differ from it.
+    assert metrics["overall"]["rl"] == metrics["overall"]["sft"]
+    assert metrics["overall"]["sft_blur"]["psnr"] != metrics["overall"]["sft"]["psnr"]
+    table = evaluate.format_table(metrics)
+    assert "sft_contrast" in table and "reward↑" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+def _rl_params(root):
+    raw = smoke_raw()
+    raw["rl"] |= {"epochs": 12}  # enough epochs that a kill lands mid-run
+    write_params(root, raw)
+
+
+def _rl_weights(root):
+    return load_file(root / "checkpoints/rl/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_killed_rl_resumes_and_matches_uninterrupted_run(models_ready, tmp_path_factory):
+    from pipeline.stages import score
+
+    score.run(smoke_params(), models_ready)
+    reference = tmp_path_factory.mktemp("rl_uninterrupted")
+    for part in ("data", "checkpoints"):
+        shutil.copytree(models_ready / part, reference / part)
+    _rl_params(reference)
+    run_tool([str(BIN / "restorl"), "rl"], reference)
+
+    _rl_params(models_ready)
+    state = models_ready / "checkpoints/resume/rl/state.pt"
+    killed_at = kill_mid_run([str(BIN / "restorl"), "rl"], models_ready, state)
+    assert not (models_ready / "checkpoints/rl").exists(), "a killed run must not leave a final model"
+    assert 0 < killed_at < 12
+
+    resumed = run_tool([str(BIN / "restorl"), "rl"], models_ready)
+    assert f"resuming from epoch {killed_at}" in resumed.stdout
+    assert not state.exists(), "a finished run clears its resume state"
+    a, b = _rl_weights(reference), _rl_weights(models_ready)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    curves = [(root / "plots/rl_curves.csv").read_text() for root in (reference, models_ready)]
+    assert curves[0] == curves[1], "same rewards, KL, weights and val figures every epoch"
