@@ -3,7 +3,7 @@
 Two fresh git+DVC workspaces with the same params (default: the smoke profile); one runs
 `dvc repro <stages>`, the other the flow against a local `prefect server start` (no push, no
 promote), in alternating order. Then both again with everything up to date, which measures
-the fixed cost alone. Run: .venv/bin/python bench/flow_overhead.py [--profile smoke] [--repeats 1]
+the fixed cost alone. Run: .venv/bin/python bench/flow_overhead.py [--profile smoke|default] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ def time_flow(root: Path, profile: str | None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--profile", default="smoke", help="a profiles/ name, or 'default' for params.yaml as is")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    if args.profile == "default":
+        args.profile = None
 
     from prefect.settings import (
         PREFECT_API_URL,
