@@ -164,7 +164,8 @@ def test_prepare_from_s3_matches_the_same_images_from_a_local_folder(moto, creds
                               storage={"endpoint_url": creds})
         prepare.run(params, tmp_path / where)
         results[where] = json.loads((tmp_path / where / "data/prepared/manifest.json").read_text())["samples"]
-    assert len(results["s3"]) == 2 * 8 + 4 + 7  # smoke split: 2 train images x 8, 1 val x 4, 1 test x 7
+    per_image = params.prepare.patches_per_image  # smoke split: 2 train images, 1 val, 1 test
+    assert len(results["s3"]) == 2 * per_image["train"] + per_image["val"] + per_image["test"]
     assert [s["sha256_lq"] for s in results["s3"]] == [s["sha256_lq"] for s in results["local"]]
 
 
