@@ -50,11 +50,14 @@ class TrackingConfig(Section):
 
 
 class SourceConfig(Section):
-    kind: Literal["skimage", "folder", "pairs"] = "skimage"
+    kind: Literal["skimage", "folder", "pairs", "faces"] = "skimage"
     # folder: a directory of HQ images; pairs: a directory with lq/ and gt/ of equal names.
     path: str | None = None
     # skimage only: which bundled images to use (names of functions in skimage.data).
     images: list[str] = Field(default_factory=list)
+    # faces only: how many of skimage's 100 LFW face crops (`lfw_subset`) to use, each one
+    # a source image (pipeline/data/sources.py: load_faces).
+    face_count: int = Field(100, ge=3, le=100)
 
     @model_validator(mode="after")
     def _path_matches_kind(self) -> "SourceConfig":
@@ -235,6 +238,7 @@ class DifficultyConfig(Section):
 
     # adaptive: w ramps from 0 at quantile q_lo to 1 at q_hi of the running difficulties.
     # uniform: every sample gets the adaptive rule's mean weight 1 - (q_lo + q_hi) / 2 (ablation).
+    # rl_only: w = 1 for every sample, RL alone without the SFT term (DDPO and the other methods).
     weighting: str = "adaptive"
     q_lo: float = Field(0.3, ge=0, le=1)
     q_hi: float = Field(0.7, ge=0, le=1)
@@ -257,8 +261,83 @@ class DifficultyConfig(Section):
         return self
 
 
+class CocaConfig(Section):
+    """CoCA step credit (`step_credit: coca`, pipeline/rl/credit.py)."""
+
+    window: int = Field(2, ge=1, description="steps per window of the cosine curve")
+    clip: float = Field(5.0, gt=0, description="per-step advantages are clipped to [-clip, clip]")
+    # Cosine of x0-hat - LQ against final - LQ: the LQ that every step's image shares would
+    # otherwise put every cosine near 1 and hide what the steps changed.
+    relative_to_lq: bool = True
+
+
+class NoiseLevelConfig(Section):
+    """LRPO's noise-level advantage (`step_weighting: noise_level`): A_j * clip(sigma_j / mean sigma)."""
+
+    min_scale: float = Field(0.5, ge=0)
+    max_scale: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "NoiseLevelConfig":
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale ({self.min_scale}) must not exceed max_scale ({self.max_scale})")
+        return self
+
+
+class ReflConfig(Section):
+    """RFSR's reward feedback (`objective: refl`, pipeline/rl/objectives.py).
+
+    Step j of S sits at p = (j + 1) / S of the schedule: p <= early_until is the early window
+    (L1 of the wavelet LL bands of x0-hat and GT), p > late_from the late window (the reward
+    of x0-hat), steps between are not trained by this objective.
+    """
+
+    early_until: float = Field(0.4, ge=0, lt=1)
+    late_from: float = Field(0.8, ge=0, lt=1)
+    # Gradient through this many steps ending at the scored one (1: ReFL; K at the last step: DRaFT-K).
+    grad_steps: int = Field(1, ge=1)
+    reward_weight: float = Field(0.1, ge=0)
+    dwt_weight: float = Field(1.0, ge=0)
+    wavelet: str = "haar"
+    dwt_level: int = Field(1, ge=1, description="LL band of this decomposition level")
+
+    @field_validator("wavelet")
+    @classmethod
+    def _known_wavelet(cls, v: str) -> str:
+        import pywt
+
+        if v not in pywt.wavelist(kind="discrete"):
+            raise ValueError(f"'{v}' is not a discrete wavelet known to PyWavelets (e.g. haar, db2)")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered_windows(self) -> "ReflConfig":
+        if self.early_until > self.late_from:
+            raise ValueError(f"early_until ({self.early_until}) must not exceed late_from ({self.late_from})")
+        return self
+
+
+class GramConfig(Section):
+    """RFSR's anti-stylisation term (`regularizers: [gram]`, pipeline/rl/regularizers.py)."""
+
+    weight: float = Field(0.01, ge=0)
+    blocks: int = Field(1, ge=0, description="UNet down blocks after conv_in whose features are compared")
+
+
+class GtLikelihoodConfig(Section):
+    """LRPO's GT-guided likelihood (`regularizers: [gt_likelihood]`): 1 - exp(log p / tau)."""
+
+    weight: float = Field(1e-3, ge=0)
+    last_steps: int = Field(2, ge=1, description="applies to the last this-many stochastic steps")
+    tau: float = Field(40.0, gt=0)
+
+
 class RlConfig(Section):
-    """Difficulty-adaptive PPO from the learned reward, with a KL anchor to the SFT model."""
+    """Difficulty-adaptive PPO from the learned reward, with a KL anchor to the SFT model.
+
+    The other seed methods are combinations of the parts below (docs/rl_methods.md,
+    profiles/methods/*.yaml): `objective`, `step_credit`, `step_weighting`, `regularizers`.
+    """
 
     epochs: int = Field(8, ge=1)
     images_per_epoch: int = Field(8, ge=1, description="LQ images rolled out per epoch")
@@ -269,11 +348,24 @@ class RlConfig(Section):
     reward: dict[str, float] = Field(default_factory=lambda: {"learned": 1.0})
     # Reward checkpoints: after k of `steps` denoising steps the predicted clean image is scored
     # (k = steps: the final image, which must be listed). Each is normalised within its group.
+    # null: the final image only (terminal reward).
     reward_steps: list[int] = Field(default_factory=lambda: [5, 10])
     advantage_std: Literal["group", "global"] = "group"
     advantage_clip: float = Field(5.0, gt=0)
+    # What the update minimises per sample: ppo (clipped ratio on recorded steps) or refl
+    # (gradient through a differentiable reward of one step's x0-hat; RFSR).
+    objective: Literal["ppo", "refl"] = "ppo"
     # How checkpoint advantages become per-step advantages (pipeline/rl/credit.py, by name).
     step_credit: str = "next_checkpoint"
+    # A per-step scale on those advantages (pipeline/rl/credit.py STEP_WEIGHTING).
+    step_weighting: str = "uniform"
+    # Extra per-sample loss terms, each with its own settings below (pipeline/rl/regularizers.py).
+    regularizers: list[str] = Field(default_factory=list)
+    coca: CocaConfig = CocaConfig()
+    noise_level: NoiseLevelConfig = NoiseLevelConfig()
+    refl: ReflConfig = ReflConfig()
+    gram: GramConfig = GramConfig()
+    gt_likelihood: GtLikelihoodConfig = GtLikelihoodConfig()
     # Share of the stochastic steps trained per sample and inner epoch (a seeded random subset).
     train_step_fraction: float = Field(0.35, gt=0, le=1)
     inner_epochs: int = Field(1, ge=1)
@@ -297,6 +389,32 @@ class RlConfig(Section):
         from pipeline.rl.credit import STEP_CREDIT
 
         return _known_part(v, STEP_CREDIT, "step_credit")
+
+    @field_validator("step_weighting")
+    @classmethod
+    def _known_step_weighting(cls, v: str) -> str:
+        from pipeline.rl.credit import STEP_WEIGHTING
+
+        return _known_part(v, STEP_WEIGHTING, "step_weighting")
+
+    @field_validator("regularizers")
+    @classmethod
+    def _known_regularizers(cls, v: list[str]) -> list[str]:
+        from pipeline.rl.regularizers import REGULARIZERS
+
+        for name in v:
+            _known_part(name, REGULARIZERS, "regularizer")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a regularizer twice: {v}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _final_reward_only(cls, data: Any) -> Any:
+        """`reward_steps: null` means the final image only: [steps]."""
+        if isinstance(data, dict) and "reward_steps" in data and data["reward_steps"] is None:
+            data = dict(data, reward_steps=[data.get("steps", cls.model_fields["steps"].default)])
+        return data
 
     @field_validator("reward")
     @classmethod

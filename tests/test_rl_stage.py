@@ -159,8 +159,8 @@ def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
 def test_rl_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"rl: .*reward_steps \[3, 5\] must .* ending with steps=10"):
         validate(smoke_raw() | {"rl": {"reward_steps": [3, 5]}}, "x")
-    with pytest.raises(ConfigError, match=r"rl\.step_credit: unknown step_credit 'coca'"):
-        validate(smoke_raw() | {"rl": {"step_credit": "coca"}}, "x")
+    with pytest.raises(ConfigError, match=r"rl\.step_credit: unknown step_credit 'gae'"):
+        validate(smoke_raw() | {"rl": {"step_credit": "gae"}}, "x")
     with pytest.raises(ConfigError, match=r"rl\.difficulty\.weighting: unknown weighting"):
         validate(smoke_raw() | {"rl": {"difficulty": {"weighting": "hardest"}}}, "x")
     with pytest.raises(ConfigError, match=r"rl\.difficulty: .*q_lo \(0.8\) must be below q_hi"):

@@ -1,5 +1,5 @@
-"""Where HQ (or ready LQ/GT) images come from: skimage's bundled images or a user folder
-(local, or an s3://bucket/prefix that is downloaded to a temp dir first)."""
+"""Where HQ (or ready LQ/GT) images come from: skimage's bundled images, its bundled LFW face
+crops, or a user folder (local, or an s3://bucket/prefix that is downloaded to a temp dir first)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,28 @@ def load_skimage(names: list[str]) -> list[SourceImage]:
             raise DataError(f"prepare.source.images: skimage.data.{name} could not be loaded "
                             f"offline: {err}") from None
     return images
+
+
+LFW_FACES = 100  # skimage.data.lfw_subset(): 100 face crops, then 100 non-face crops
+
+
+def load_faces(count: int, size: int) -> list[SourceImage]:
+    """The first `count` face crops of skimage's `lfw_subset` (LFW, 25x25 grey, in [0, 1]),
+    each a source image named lfw_000, lfw_001, ...
+
+    A crop is a whole face, so it is resized to one patch (`size` x `size`, bicubic; at 32 px
+    an upscale of 1.28) instead of being cut into patches, which would keep only part of a
+    face, and its grey level is repeated into 3 channels, as for grey skimage images. The
+    GT is therefore smoother than a camera image of that size; the degradations act on it as
+    on any patch."""
+    import skimage.data
+    from skimage.transform import resize
+
+    if not 1 <= count <= LFW_FACES:
+        raise DataError(f"prepare.source.face_count: {count}; lfw_subset has {LFW_FACES} faces")
+    faces = skimage.data.lfw_subset()[:count]
+    return [SourceImage(f"lfw_{i:03d}", _rgb(resize(face, (size, size), order=3, anti_aliasing=False)))
+            for i, face in enumerate(faces)]
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -64,7 +64,13 @@ def uniform_weights(tracker: DifficultyTracker, difficulties: torch.Tensor, q_lo
     return torch.full_like(difficulties, 1 - (q_lo + q_hi) / 2, dtype=torch.float)
 
 
-WEIGHTINGS = {"adaptive": adaptive_weights, "uniform": uniform_weights}
+def rl_only_weights(tracker: DifficultyTracker, difficulties: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
+    """No difficulty weighting: w = 1 for every sample, so the loss is the RL objective alone
+    (no SFT term; the update skips computing it), as in DDPO, ReFL and the other seed methods."""
+    return torch.ones_like(difficulties, dtype=torch.float)
+
+
+WEIGHTINGS = {"adaptive": adaptive_weights, "uniform": uniform_weights, "rl_only": rl_only_weights}
 
 
 def mixed_loss(w: torch.Tensor, rl_loss: torch.Tensor, sft_loss: torch.Tensor, lambda_sft: float) -> torch.Tensor:

@@ -20,7 +20,8 @@ from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PrepareConfig
 from pipeline.data.degradations import DEGRADATIONS, degrade
-from pipeline.data.sources import DataError, SourceImage, load_folder, load_pairs, load_skimage, local_source
+from pipeline.data.sources import (DataError, SourceImage, load_faces, load_folder, load_pairs, load_skimage,
+                                   local_source)
 from pipeline.paths import Paths
 
 SPLITS = ("train", "val", "test")
@@ -53,6 +54,8 @@ def load_sources(cfg: PrepareConfig, endpoint: str | None = None) -> list[Source
     src = cfg.source
     if src.kind == "skimage":
         images = load_skimage(src.images)
+    elif src.kind == "faces":
+        images = load_faces(src.face_count, cfg.patch_size)
     else:  # folder or pairs, local or s3://bucket/prefix
         with local_source(src.path, endpoint) as folder:
             images = load_folder(folder) if src.kind == "folder" else load_pairs(folder)

@@ -4,11 +4,14 @@ One loop, in epochs of two phases (as in DDPO), whose parts the config picks by 
   sampling   draw `images_per_epoch` scored training images (hard ones oversampled if asked),
              G rollouts each (DDIM, eta > 0), the reward of the predicted clean image at each
              checkpoint of `reward_steps`, group-normalised advantages per checkpoint, turned
-             into per-step advantages by `step_credit`; each image's difficulty is refreshed
-             from its rollouts and sets its RL weight w (`difficulty.weighting`).
-  training   `inner_epochs` passes over minibatches: PPO clipped ratio on a random share of
-             the stochastic steps, closed-form KL to the frozen SFT model, the SFT loss;
-             per sample w * L_RL + (1 - w) * lambda_sft * L_SFT + beta * KL.
+             into per-step advantages by `step_credit` and scaled by `step_weighting`; each
+             image's difficulty is refreshed from its rollouts and sets its RL weight w
+             (`difficulty.weighting`).
+  training   `inner_epochs` passes over minibatches: the `objective` (PPO clipped ratio on a
+             random share of the stochastic steps, or reward feedback through one step),
+             closed-form KL to the frozen SFT model, the `regularizers`, the SFT loss;
+             per sample w * L_RL + (1 - w) * lambda_sft * L_SFT + beta * KL + regularizers.
+             The seed methods are combinations of these parts (docs/rl_methods.md).
   validation val reward and PSNR (`evaluate.sampling`); the epoch with the best reward gain
              over SFT whose PSNR fell by at most `psnr_guard` dB is what ships (epoch 0 is
              the SFT model itself), so a run that starts hacking the reward is not shipped.
@@ -38,12 +41,12 @@ from pipeline.data.sources import DataError
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
-from pipeline.rewards.scorers import Reward
+from pipeline.rewards.scorers import LearnedScorer, PyiqaScorer, Reward, RewardError, Term
 from pipeline.rl.advantages import group_advantages, zero_variance_share
-from pipeline.rl.credit import STEP_CREDIT
+from pipeline.rl.credit import STEP_CREDIT, STEP_WEIGHTING
 from pipeline.rl.difficulty import WEIGHTINGS, DifficultyTracker, draw_images, mixed_loss
-from pipeline.rl.policy import gaussian_kl
-from pipeline.rl.rollout import Rollouts, collect, ppo_loss, step_log_prob
+from pipeline.rl.objectives import OBJECTIVES
+from pipeline.rl.rollout import Rollouts, collect
 from pipeline.stages.evaluate import restore
 from pipeline.stages.score import load_reward, measure, read_table
 
@@ -62,6 +65,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     model = DiffusionRestorer.from_pretrained(paths.sft_model).to(device)
     reference = model.reference()
     reward = load_reward(params, paths, device)
+    # Reward feedback needs the reward's gradient; the rollouts' rewards stay the plain ones.
+    feedback = differentiable_reward(params, paths, device) if cfg.objective == "refl" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(params.runtime.seed)
     tracker = DifficultyTracker(pool_difficulty, cfg.difficulty.window)
@@ -94,17 +99,17 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             rewards = checkpoint_rewards(reward, r, cfg.reward_steps)
             adv_k = torch.stack([group_advantages(rw.view(-1, cfg.group_size), cfg.advantage_clip,
                                                   std_scope=cfg.advantage_std).flatten() for rw in rewards])
-            advantages = STEP_CREDIT[cfg.step_credit](adv_k, cfg.reward_steps, r)
+            advantages = per_step_advantages(adv_k, r, cfg)
             fresh = measure(reward, r.images, r.gt, params.score.fidelity_weight)["difficulty"]
             fresh = fresh.view(-1, cfg.group_size).mean(dim=1)
             w = WEIGHTINGS[cfg.difficulty.weighting](tracker, fresh, cfg.difficulty.q_lo, cfg.difficulty.q_hi)
             tracker.update(fresh)
             stats["difficulty"][picked] = fresh
 
-            # ---- training: PPO + KL on the recorded transitions, SFT on the same images
+            # ---- training: the objective + KL + regularizers on the recorded steps, SFT on the same images
             model.train()
             losses = train_on_rollouts(model, reference, optimizer, r, advantages,
-                                       w.repeat_interleave(cfg.group_size).to(device), cfg, generator)
+                                       w.repeat_interleave(cfg.group_size).to(device), cfg, generator, feedback)
 
             # ---- validation and best-so-far
             result = validate(model, reward, val, params, device)
@@ -157,41 +162,73 @@ def checkpoint_rewards(reward: Reward, r: Rollouts, checkpoints: list[int]) -> t
         return torch.stack([reward(r.images if k == steps else r.x0[k].clamp(-1, 1), r.gt) for k in checkpoints]).cpu()
 
 
+def per_step_advantages(adv_k: torch.Tensor, r: Rollouts, cfg: RlConfig) -> torch.Tensor:
+    """(S, N) advantages: checkpoint advantages through `step_credit`, then `step_weighting`."""
+    credit_options = {"coca": cfg.coca.model_dump()}.get(cfg.step_credit, {})
+    advantages = STEP_CREDIT[cfg.step_credit](adv_k, cfg.reward_steps, r, **credit_options)
+    return STEP_WEIGHTING[cfg.step_weighting](advantages, r, **cfg.noise_level.model_dump())
+
+
+def differentiable_reward(params: Params, paths: Paths, device: torch.device) -> Reward:
+    """`rl.reward` with gradients: the learned model as it is, pyiqa metrics as losses (their
+    weights from the local cache, as for the plain reward). A term without a gradient is an
+    error naming it."""
+    weights_dir = Path(params.storage.weights_dir) if params.storage.weights_dir else None
+    terms = []
+    for name, weight in params.rl.reward.items():
+        if name == "learned":
+            scorer = LearnedScorer(paths.reward_model, device)
+        else:
+            scorer = PyiqaScorer(name, device, weights_dir, as_loss=True)
+            # As a loss pyiqa averages over the batch by default; the update needs per-image values.
+            scorer.metric.loss_reduction = "none"
+        terms.append(Term(name, weight, scorer))
+    size = params.prepare.patch_size
+    probe = torch.zeros(2, 3, size, size, device=device, requires_grad=True)
+    for term in terms:
+        scores = term.scorer(probe, probe.detach() + 0.1)
+        if not scores.requires_grad or scores.shape != (2,):
+            raise RewardError(f"rl.reward term '{term.name}' gives no per-image gradient; "
+                              "rl.objective: refl needs a differentiable reward")
+    return Reward(terms)
+
+
 def train_on_rollouts(model: DiffusionRestorer, reference: DiffusionRestorer, optimizer: torch.optim.Optimizer,
                       r: Rollouts, advantages: torch.Tensor, w: torch.Tensor, cfg: RlConfig,
-                      generator: torch.Generator) -> dict[str, float]:
-    """The update phase; returns mean RL/SFT losses, KL and the clipped share of ratios."""
-    stochastic = r.mask.nonzero().flatten()
-    n_steps = max(1, round(cfg.train_step_fraction * len(stochastic)))
+                      generator: torch.Generator, reward: Reward | None = None) -> dict[str, float]:
+    """The update phase; returns mean RL/SFT losses, KL, the clipped share of ratios and,
+    with regularizers, their mean. `reward`: the differentiable reward (refl objective)."""
     advantages = advantages.to(r.lq.device)
+    objective = OBJECTIVES[cfg.objective]
+    # With w = 1 for everyone the SFT term is multiplied by 0: do not pay for it.
+    with_sft = cfg.difficulty.weighting != "rl_only"
     totals = {"loss_rl": 0.0, "loss_sft": 0.0, "kl": 0.0, "clip_frac": 0.0}
+    if cfg.regularizers:
+        totals["loss_reg"] = 0.0
     updates = 0
     for _ in range(cfg.inner_epochs):
         for mb in torch.randperm(r.lq.shape[0], generator=generator).split(cfg.minibatch):
-            steps = stochastic[torch.randperm(len(stochastic), generator=generator)[:n_steps]].tolist()
-            l_rl, kl, clipped = 0.0, 0.0, 0.0
-            for s in steps:
-                log_prob, mean = step_log_prob(model, r, s, mb, cfg.eta)
-                ppo, was_clipped = ppo_loss(log_prob, r.log_probs[s, mb], advantages[s, mb], cfg.ppo_clip)
-                l_rl = l_rl + ppo / n_steps
-                clipped += float(was_clipped.float().mean()) / n_steps
-                if cfg.kl_beta > 0:
-                    with torch.no_grad():
-                        _, ref_mean = step_log_prob(reference, r, s, mb, cfg.eta)
-                    kl = kl + gaussian_kl(mean, ref_mean, r.stds[s]) / n_steps
+            terms = objective(model, reference, r, mb, advantages, cfg, generator, reward)
             tasks = [r.tasks[i] for i in mb.tolist()] if r.tasks else None
-            l_sft = model.sft_loss(r.gt[mb], r.lq[mb], generator, tasks=tasks)
-            loss = (mixed_loss(w[mb], l_rl, l_sft, cfg.difficulty.lambda_sft) + cfg.kl_beta * kl).mean()
+            l_sft = model.sft_loss(r.gt[mb], r.lq[mb], generator, tasks=tasks) if with_sft else torch.zeros(len(mb))
+            per_sample = mixed_loss(w[mb], terms.rl, l_sft.to(w.device), cfg.difficulty.lambda_sft) + cfg.kl_beta * terms.kl
+            if cfg.regularizers:
+                per_sample = per_sample + terms.regularizers
+            loss = per_sample.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            kl_mean = float(kl.detach().mean()) if torch.is_tensor(kl) else 0.0
-            for key, value in (("loss_rl", float(l_rl.detach().mean())), ("loss_sft", float(l_sft.detach().mean())),
-                               ("kl", kl_mean), ("clip_frac", clipped)):
-                totals[key] += value
+            step_values = {"loss_rl": _mean(terms.rl), "loss_sft": _mean(l_sft), "kl": _mean(terms.kl),
+                           "clip_frac": terms.clip_frac, "loss_reg": _mean(terms.regularizers)}
+            for key in totals:
+                totals[key] += step_values[key]
             updates += 1
     return {k: v / updates for k, v in totals.items()}
+
+
+def _mean(value: torch.Tensor | float) -> float:
+    return float(value.detach().mean()) if torch.is_tensor(value) else float(value)
 
 
 def validate(model: DiffusionRestorer, reward: Reward, val: PairedSplit, params: Params,
