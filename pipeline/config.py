@@ -158,6 +158,9 @@ class ModelConfig(Section):
 class SamplingConfig(Section):
     steps: int = Field(10, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
+    # Restore with this many samples (different starting noise) and keep their mean: the
+    # conditional mean, which PSNR/SSIM reward; each sample's noise-driven error averages out.
+    samples: int = Field(1, ge=1)
 
 
 class SftConfig(Section):
@@ -195,15 +198,20 @@ class EvaluateConfig(Section):
 
 
 class RewardConfig(Section):
-    """The learned no-reference reward model (pyiqa's CNNIQA architecture, trained here)."""
+    """The learned no-reference reward model (a small residual CNN, pipeline/models/reward_model.py)."""
 
     steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    kernels: int = Field(50, ge=1)
-    hidden: int = Field(800, ge=1)
-    # Training patches restored by the SFT model to make GT > SFT > LQ pairs.
-    sft_samples: int = Field(512, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    kernels: int = Field(24, ge=1)   # channels of the first stage; the second has twice as many
+    hidden: int = Field(64, ge=1)    # width of the scoring head
+    blocks: int = Field(1, ge=0)     # residual blocks per stage
+    # Training patches restored by the SFT model to make GT > SFT > LQ pairs; the reward trains on them.
+    sft_samples: int = Field(1600, ge=1)
+    # Freshly degraded copies of each of those GT patches, extra negatives (GT > copy).
+    fresh_negatives: int = Field(2, ge=0)
+    # Weight of the hack pairs (SFT output > SFT output + each hack control) in the loss.
+    hack_weight: float = Field(1.0, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +347,9 @@ class RlConfig(Section):
     profiles/methods/*.yaml): `objective`, `step_credit`, `step_weighting`, `regularizers`.
     """
 
+    # Seed of this stage's generator (image draws, rollout noise, minibatches); None: runtime.seed.
+    # Varies RL alone: runtime.seed would also redo prepare and sft (bench/ablation.py).
+    seed: int | None = None
     epochs: int = Field(8, ge=1)
     images_per_epoch: int = Field(8, ge=1, description="LQ images rolled out per epoch")
     group_size: int = Field(4, ge=2, description="rollouts per LQ image (the advantage's group)")

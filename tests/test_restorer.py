@@ -63,6 +63,20 @@ def test_eta_zero_sampling_is_deterministic_given_noise_seed():
     assert not torch.allclose(a, c)
 
 
+def test_restore_is_the_mean_of_samples_from_successive_noise():
+    model = _model(prediction_type="epsilon")
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+    _, lq = _batch()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        draws = [model.sample(lq, 2, 0.0, g).image for _ in range(3)]
+        mean = model.restore(lq, 2, 0.0, torch.Generator().manual_seed(5), samples=3)
+        single = model.restore(lq, 2, 0.0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(mean, torch.stack(draws).mean(dim=0))
+    torch.testing.assert_close(single, draws[0])
+    assert not torch.allclose(mean, draws[0])
+
+
 def test_grad_flows_only_through_last_k_steps():
     model = _model()
     _, lq = _batch()

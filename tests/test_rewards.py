@@ -57,7 +57,7 @@ def test_unknown_metric_and_missing_learned_model_are_named(tmp_path):
 
 def test_learned_reward_model_round_trip_and_gradient(tmp_path):
     torch.manual_seed(0)
-    model = RewardModel(kernels=8, hidden=16).eval()  # CNNIQA has dropout
+    model = RewardModel(kernels=8, hidden=16).eval()
     model.save(tmp_path / "reward")
     reward = build_reward({"learned": 1.0}, torch.device("cpu"), learned_path=tmp_path / "reward")
     gt, _ = _images()
@@ -83,18 +83,35 @@ def test_hack_controls_change_the_image_slightly(name):
     assert 0 < diff < 0.5
 
 
-def test_ranking_pairs_put_the_better_image_first():
-    from pipeline.stages.reward import ranking_pairs
+def test_training_batch_pairs_put_the_better_image_first():
+    from pipeline.stages.reward import training_batch
 
     gt, lq = _images(n=4)
     restored = gt.clone()
     restored[:2] = lq[:2] + 0.5  # two restorations worse than their LQ, two perfect
-    better, worse = ranking_pairs(gt, lq, restored.clamp(-1, 1), torch.Generator().manual_seed(0))
-    n_hack_pairs = 2 * len(HACKS) * 4
-    assert len(better) == len(worse) == 4 + 4 + 2 + n_hack_pairs  # SFT≻LQ only where SFT is closer
-    torch.testing.assert_close(better[:4], gt)
-    torch.testing.assert_close(worse[:4], lq)
-    torch.testing.assert_close(better[8:10], restored[2:])
+    fresh = [lq.flip(2), lq.flip(3)]
+    images, quality, hacks = training_batch(gt, lq, restored.clamp(-1, 1), fresh, torch.Generator().manual_seed(0))
+    assert images.shape == ((3 + len(fresh) + len(HACKS)) * 4, 3, 32, 32)
+    assert len(quality) == 4 + 4 + 2 + 4 * len(fresh)  # SFT≻LQ only where SFT is closer
+    assert len(hacks) == 4 * len(HACKS)
+    # Pairs follow quality: under the same transform, the better image is closer to the GT.
+    d = ((images - images[:4].repeat(len(images) // 4, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+    assert (d[quality[:, 0]] <= d[quality[:, 1]]).all()  # equal only for the two perfect restorations
+    assert (quality[:, 0] % 4 == quality[:, 1] % 4).all() and (hacks[:, 0] % 4 == hacks[:, 1] % 4).all()
+    assert set((hacks[:, 0] // 4).tolist()) == {2}  # hack pairs: the SFT output over its hacked copies
+
+
+def test_fresh_degradations_are_8_bit_and_differ_from_gt():
+    import numpy as np
+
+    from pipeline.stages.reward import fresh_degradations
+
+    gt, _ = _images(n=3)
+    gt = ((gt + 1) * 127.5).round() / 127.5 - 1
+    out = fresh_degradations(gt, np.random.default_rng(0))
+    assert out.shape == gt.shape and out.min() >= -1 and out.max() <= 1
+    torch.testing.assert_close(out, ((out + 1) * 127.5).round() / 127.5 - 1)
+    assert ((out - gt).abs().mean(dim=(1, 2, 3)) > 0).all()
 
 
 def test_reward_stage_trains_and_reports_checks(workspace):

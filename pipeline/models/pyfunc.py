@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 # "" = no task given (MLflow's params schema has no None).
-SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0, "task": ""}
+SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0, "task": "", "samples": 1}
 
 
 class RestorerPyfunc(mlflow.pyfunc.PythonModel):
@@ -44,10 +44,9 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
         if self.model.tasks and not tasks:
             raise ValueError(f"this restorer is task-conditioned: name the task with params={{'task': ...}}, "
                              f"one of {self.model.tasks}")
-        with torch.no_grad():
-            out = self.model.sample(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator,
-                                    tasks=tasks)
-        return ((out.image.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
+        image = self.model.restore(cond.to(self.model.device), int(opts["steps"]), float(opts["eta"]), generator,
+                                   tasks=tasks, samples=int(opts["samples"]))
+        return ((image.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
 def signature():

@@ -195,3 +195,14 @@ class DiffusionRestorer(torch.nn.Module):
         result.image = self.to_image(x, cond).clamp(-1, 1)
         return result
 
+    def restore(self, cond: torch.Tensor, steps: int, eta: float = 0.0, generator: torch.Generator | None = None,
+                tasks: list[str] | None = None, samples: int = 1) -> torch.Tensor:
+        """The restoration to score: the mean of `samples` samples from different starting noise.
+
+        The mean of posterior samples estimates the conditional mean, the MSE-optimal output:
+        the part of each sample's error that comes from its starting noise averages out.
+        """
+        with torch.no_grad():
+            images = [self.sample(cond, steps, eta, generator, tasks=tasks).image for _ in range(samples)]
+        return torch.stack(images).mean(dim=0)
+

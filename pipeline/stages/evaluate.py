@@ -65,7 +65,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
 def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device: torch.device,
             progress: bool = True) -> torch.Tensor:
-    """DDIM restoration of every LQ patch, seeded, in batches."""
+    """DDIM restoration of every LQ patch (`evaluate.sampling`), seeded, in batches."""
     cfg = params.evaluate
     model.eval()
     generator = torch.Generator().manual_seed(params.runtime.seed)
@@ -74,7 +74,8 @@ def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device:
         for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch", disable=not progress):
             cond = data.lq[i:i + cfg.batch_size].to(device)
             tasks = data.tasks[i:i + cfg.batch_size]
-            out.append(model.sample(cond, cfg.sampling.steps, cfg.sampling.eta, generator, tasks=tasks).image.cpu())
+            s = cfg.sampling
+            out.append(model.restore(cond, s.steps, s.eta, generator, tasks=tasks, samples=s.samples).cpu())
     return torch.cat(out)
 
 

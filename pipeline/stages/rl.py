@@ -68,7 +68,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     # Reward feedback needs the reward's gradient; the rollouts' rewards stay the plain ones.
     feedback = differentiable_reward(params, paths, device) if cfg.objective == "refl" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    generator = torch.Generator().manual_seed(params.runtime.seed)
+    generator = torch.Generator().manual_seed(params.runtime.seed if cfg.seed is None else cfg.seed)
     tracker = DifficultyTracker(pool_difficulty, cfg.difficulty.window)
     resumable = {"model": model, "optimizer": optimizer, "tracker": tracker}
 

@@ -1,0 +1,417 @@
+"""Every RL method on the same data, seeds and sample budget, as DVC experiments; one table.
+
+    cd WORKSPACE && python /path/to/bench/ablation.py [--methods ...] [--seeds 0 1 2] [--epochs N] [--out ablation.md]
+
+Run in a workspace where the pipeline has run once (`restorl repro`) and whose dvc.yaml,
+dvc.lock and params.yaml are committed to Git: DVC experiments are based on the Git HEAD
+(uncommitted edits of tracked files are carried along). For each (method, seed) it runs
+
+    dvc exp run --temp -n <method>-s<seed> -S rl.seed=<seed> [-S rl.epochs=N] -S <method's keys> evaluate
+
+The method's profile (profiles/methods/<name>.yaml) is flattened to one `-S` per leaf key, as
+`restorl params --profile` would deep-merge it; keys params.yaml lacks get hydra's `+`. Only rl
+(and score, where the reward changes) re-run; prepare, sft and reward come from the cache.
+`--temp` runs each experiment in its own directory, so the workspace (params.yaml, outputs)
+stays as it was and no experiment inherits another's settings. Promote is not run: the ablation
+must not move the `champion` alias; the `challenger` alias, which each rl run moves, is put back.
+Every stage logs its MLflow run into the workspace's store, under one parent run per
+experiment (tag restorl.dvc_exp). Each run is in `dvc exp show` too.
+
+Rows: the seed method (params.yaml as it is: difficulty-adaptive PPO), each method profile, the
+seed method with the sign of every rl.reward term flipped (a run that optimises the reward's
+opposite: its test reward should fall), and the SFT model and hack controls of
+metrics/evaluate.json. Figures are on the test split, mean ± std over seeds; val reward gain and
+best epoch come from metrics/rl.json. Then the sample-efficiency table (CoCA's claim): the
+rollouts' final reward and the val reward per epoch against rollouts so far, coca vs ddpo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+METHODS_DIR = REPO / "profiles" / "methods"
+
+from pipeline.config import ConfigError, load_raw, read_yaml, validate
+
+SEED_METHOD, FLIPPED = "adaptive", "flipped"
+METHODS = (SEED_METHOD, "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
+LABELS = {SEED_METHOD: "seed: difficulty-adaptive PPO", "ddpo": "DDPO", "coca": "CoCA (DDPO + CoCA credit)",
+          "lrpo": "LRPO", "rfsr": "RFSR (reward feedback)", FLIPPED: "seed, sign-flipped reward"}
+# (evaluate.json metric, column header, format)
+TEST_METRICS = (("reward", "reward ↑", ".4f"), ("piqe", "PIQE ↓", ".2f"), ("psnr", "PSNR ↑", ".2f"),
+                ("ssim", "SSIM ↑", ".4f"))
+LOG_DIR = Path(".restorl/ablation")
+
+
+class AblationError(RuntimeError):
+    """The workspace cannot run the ablation; the message says what to do."""
+
+
+@dataclass
+class Run:
+    """One finished experiment, read back from `dvc exp show --json` and its Git commit."""
+
+    method: str
+    seed: int
+    name: str
+    rl: dict            # metrics/rl.json
+    evaluate: dict      # metrics/evaluate.json
+    images_per_epoch: int
+    group_size: int
+    curves: list[dict]  # plots/rl_curves.csv rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="rl.seed values")
+    parser.add_argument("--epochs", type=int, help="rl.epochs for every run (the sample budget)")
+    parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    args = parser.parse_args(argv)
+    try:
+        params_before = check_workspace()
+        raw = load_raw("params.yaml")
+        runs_spec = [(m, s, experiment_name(m, s), overrides(m, s, raw, args.epochs))
+                     for m in args.methods for s in args.seeds]
+        failed = run_experiments(runs_spec, raw)
+        if Path("params.yaml").read_bytes() != params_before:
+            Path("params.yaml").write_bytes(params_before)
+            print("ablation: params.yaml had changed during the runs; restored", file=sys.stderr)
+        runs = read_runs([(m, s, n) for m, s, n, _ in runs_spec if n not in failed])
+    except (AblationError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: no experiment finished", file=sys.stderr)
+        return 1
+    text = report(runs, args)
+    print(text)
+    if args.out:
+        from pipeline.atomic import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(text + "\n")
+        print(f"\nwritten to {args.out}")
+    if failed:
+        print(f"\nfailed: {', '.join(failed)} (logs in {LOG_DIR}/)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiments
+
+
+def check_workspace() -> bytes:
+    """Fail early, saying what to do, unless the pipeline ran here and is committed; params.yaml's bytes."""
+    if not Path("dvc.yaml").exists() or not Path("params.yaml").exists():
+        raise AblationError(f"no dvc.yaml/params.yaml in {Path.cwd()}: run this in a restorl workspace")
+    if git("rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
+        raise AblationError("DVC experiments need a Git commit to start from: run `restorl repro` first, "
+                            "then `git add -A && git commit -m baseline`")
+    if not Path("dvc.lock").exists() or not Path("metrics/evaluate.json").exists():
+        raise AblationError("the pipeline has not run in this workspace: run `restorl repro` first")
+    untracked = [f for f in ("dvc.yaml", "dvc.lock", "params.yaml")
+                 if git("ls-files", "--error-unmatch", f, check=False).returncode != 0]
+    if untracked:
+        raise AblationError(f"{', '.join(untracked)} not in Git; each experiment starts from HEAD plus edits of "
+                            f"tracked files: `git add {' '.join(untracked)} && git commit -m baseline` first")
+    validate(load_raw("params.yaml"), "params.yaml")
+    stale = dvc("status", "--json", "--with-deps", "score").stdout.strip()
+    if stale not in ("", "{}"):
+        raise AblationError("prepare/sft/reward/score are not up to date with this workspace (`dvc status score`): "
+                            "run `restorl repro` first")
+    return Path("params.yaml").read_bytes()
+
+
+def experiment_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+def method_override(method: str, raw: dict) -> dict:
+    """The params a method changes, as a partial params.yaml (a profile)."""
+    if method == SEED_METHOD:
+        return {}
+    if method == FLIPPED:
+        return {"rl": {"reward": {name: -weight for name, weight in raw["rl"]["reward"].items()}}}
+    path = METHODS_DIR / f"{method}.yaml"
+    if not path.exists():
+        raise AblationError(f"no method profile {path}")
+    return read_yaml(path)
+
+
+def overrides(method: str, seed: int, raw: dict, epochs: int | None) -> list[str]:
+    """`-S` values of one run: the method's keys, rl.seed and the budget."""
+    changes = method_override(method, raw)
+    changes.setdefault("rl", {})["seed"] = seed
+    if epochs is not None:
+        changes["rl"]["epochs"] = epochs
+    return set_params(changes, raw)
+
+
+def set_params(override: dict, base: dict) -> list[str]:
+    """`override` (a partial params.yaml) as `dvc exp run -S` values, one per leaf key.
+
+    Leaf-wise, so the result is the same deep merge as a profile; a key `base` lacks gets `+`
+    (hydra's append; DVC refuses a plain override of a missing key)."""
+    out = []
+    for key, value in flatten(override).items():
+        out.append(f"{'' if has_key(base, key) else '+'}{key}={hydra_value(value)}")
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted leaf keys; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def has_key(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def hydra_value(value: Any) -> str:
+    """A YAML value in hydra's override grammar (what `-S key=value` parses)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if _BARE.fullmatch(value) and value.lower() not in ("true", "false", "null", "nan", "inf"):
+            return value
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    raise AblationError(f"cannot pass {value!r} as a -S value")
+
+
+def run_experiments(specs: list[tuple[str, int, str, list[str]]], raw: dict) -> list[str]:
+    """Run each experiment in turn (rl -> evaluate); names of the failed ones."""
+    import mlflow
+
+    from pipeline import tracking
+
+    params = validate(raw, "params.yaml")
+    # --temp runs elsewhere: point every stage at this workspace's MLflow store.
+    uri = tracking.tracking_uri(params)
+    experiment_id = tracking.configure(params)
+    challenger = _alias(params, tracking.CHALLENGER)
+    existing = set(dvc("exp", "list", "--name-only").stdout.split())
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    failed = []
+    try:
+        for i, (method, seed, name, sets) in enumerate(specs, 1):
+            if name in existing:
+                dvc("exp", "remove", name)
+                print(f"ablation: replacing the earlier experiment {name}", file=sys.stderr)
+            cmd = [str(BIN / "dvc"), "exp", "run", "--temp", "-n", name, *[a for s in sets for a in ("-S", s)],
+                   "evaluate"]
+            print(f"[{i}/{len(specs)}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            with mlflow.start_run(run_name=name, experiment_id=experiment_id,
+                                  tags={"restorl.stage": "ablation", "restorl.dvc_exp": name,
+                                        "restorl.method": method, "restorl.rl_seed": str(seed)}) as parent:
+                env = os.environ | {"MLFLOW_TRACKING_URI": uri, tracking.PARENT_RUN_ENV: parent.info.run_id,
+                                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+                log = LOG_DIR / f"{name}.log"
+                with open(log, "w") as f:
+                    code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                if code:
+                    mlflow.set_tag("restorl.failed", "true")
+            took = time.perf_counter() - t0
+            if code:
+                failed.append(name)
+                tail = log.read_text().splitlines()[-15:]
+                print(f"    FAILED ({code}) after {took:.0f}s; {log}:\n      " + "\n      ".join(tail), file=sys.stderr)
+            else:
+                print(f"    done in {took:.0f}s", file=sys.stderr)
+    finally:
+        if challenger is not None:
+            _set_alias(params, tracking.CHALLENGER, challenger)
+    return failed
+
+
+def _alias(params, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(params.tracking.registered_model, alias).version)
+    except MlflowException:  # no registered model or no such alias yet
+        return None
+
+
+def _set_alias(params, alias: str, version: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(params.tracking.registered_model, alias, version)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the results back
+
+
+def read_runs(wanted: list[tuple[str, int, str]]) -> list[Run]:
+    """The named experiments of the current baseline, from `dvc exp show --json`."""
+    shown = json.loads(dvc("exp", "show", "--json", "--no-pager").stdout)
+    found = experiments_by_name(shown, git("rev-parse", "HEAD").stdout.strip())
+    runs = []
+    for method, seed, name in wanted:
+        if name not in found:
+            raise AblationError(f"experiment {name} ran but is not in `dvc exp show`")
+        rev, data = found[name]
+        metrics = data["metrics"]
+        rl_params = data["params"]["params.yaml"]["data"]["rl"]
+        curves = git("show", f"{rev}:plots/rl_curves.csv").stdout
+        runs.append(Run(method, seed, name, metrics["metrics/rl.json"]["data"],
+                        metrics["metrics/evaluate.json"]["data"], rl_params["images_per_epoch"],
+                        rl_params["group_size"], read_curves(curves)))
+    return runs
+
+
+def experiments_by_name(shown: list[dict], baseline: str) -> dict[str, tuple[str, dict]]:
+    """name -> (commit, data) of the experiments based on `baseline` in `dvc exp show --json`."""
+    out = {}
+    for top in shown:
+        if top.get("rev") != baseline:
+            continue
+        for exp in top.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") and rev.get("data"):
+                    out[rev["name"]] = (rev["rev"], rev["data"])
+    return out
+
+
+def read_curves(text: str) -> list[dict]:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
+
+
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    """`mean ± std` (sample std over seeds) in format `fmt`; the mean alone for one value."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:{fmt}}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def results_table(runs: list[Run]) -> str:
+    """One row per method (over its seeds), then SFT and its hack controls."""
+    header = ["row", "seeds"] + [h for _, h, _ in TEST_METRICS] + ["val reward gain", "best epoch", "RL s", "rollouts"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    methods = list(dict.fromkeys(r.method for r in runs))
+    for method in methods:
+        group = [r for r in runs if r.method == method]
+        cells = [LABELS.get(method, method), ",".join(str(r.seed) for r in group)]
+        cells += [mean_std([r.evaluate["overall"]["rl"][m] for r in group], f) for m, _, f in TEST_METRICS]
+        cells += [mean_std([r.rl["val_reward_gain"] for r in group], ".3g"),
+                  mean_std([r.rl["best_epoch"] for r in group], ".1f"),
+                  mean_std([r.rl["seconds"] for r in group], ".1f"),
+                  "/".join(str(n) for n in sorted({r.rl["rollouts"] for r in group}))]
+        lines.append("| " + " | ".join(cells) + " |")
+    # The controls do not depend on RL: every run's evaluate.json holds the same ones.
+    overall = runs[0].evaluate["overall"]
+    controls = ["sft"] + sorted(k for k in overall if k.startswith("sft_"))
+    for row in controls:
+        label = "SFT" if row == "sft" else "SFT + " + row.removeprefix("sft_")
+        cells = [label, "–"] + [f"{overall[row][m]:{f}}" for m, _, f in TEST_METRICS] + ["–"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def efficiency_table(runs: list[Run], methods: tuple[str, ...] = ("ddpo", "coca")) -> str:
+    """Per epoch: rollouts so far, and each method's rollout final reward and val reward (mean ± std)."""
+    present = [m for m in methods if any(r.method == m for r in runs)]
+    if not present:
+        return ""
+    epochs = sorted({int(row["epoch"]) for r in runs if r.method in present for row in r.curves})
+    per_epoch = {r.method: r.images_per_epoch * r.group_size for r in runs if r.method in present}
+    header = ["epoch", "rollouts"] + [f"{m} {what}" for m in present for what in ("rollout reward", "val reward")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for epoch in epochs:
+        cells = [str(epoch), "/".join(str(b) for b in sorted({epoch * per_epoch[m] for m in present}))]
+        for m in present:
+            rows = [row for r in runs if r.method == m for row in r.curves if int(row["epoch"]) == epoch]
+            for key in ("reward.final.mean", "val_reward"):
+                cells.append(mean_std([row[key] for row in rows]) if rows else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> str:
+    seeds = sorted({r.seed for r in runs})
+    budget = sorted({(r.rl["epochs"], r.rl["rollouts"]) for r in runs})
+    parts = [
+        (f"## RL ablation ({len(runs)} runs; rl.seed {', '.join(map(str, seeds))}; "
+         f"epochs/rollouts per run {', '.join(f'{e}/{n}' for e, n in budget)})"),
+        "",
+        ("Test split (metrics/evaluate.json of each DVC experiment, mean ± std over seeds; `reward` is the "
+         "learned reward). Val reward gain (best epoch over SFT) and best epoch from metrics/rl.json, in each "
+         "run's own rl.reward (flipped for the sign-flipped row, composite for LRPO). Best epoch 0: "
+         "no epoch beat SFT, so the shipped model is SFT. RL s: the rl stage's training loop (wall seconds)."),
+        "",
+        results_table(runs),
+    ]
+    efficiency = efficiency_table(runs)
+    if efficiency:
+        parts += ["", ("Sample efficiency (plots/rl_curves.csv): reward of each epoch's rollouts (before its "
+                       "update) and val reward after it, against rollouts so far; mean ± std over seeds."),
+                  "", efficiency]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# tools
+
+
+def git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _tool(["git", *args], check)
+
+
+def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _tool([str(BIN / "dvc"), *args], check)
+
+
+def _tool(cmd: list[str], check: bool) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+    if check and proc.returncode != 0:
+        raise AblationError(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
