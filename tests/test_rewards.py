@@ -129,3 +129,13 @@ def test_reward_stage_trains_and_reports_checks(workspace):
     assert set(saved["hack_mean"]) == set(HACKS)
     assert 0 <= saved["gt_above_lq"] <= 1 and isinstance(saved["passed"], bool)
     assert RewardModel.load(workspace / "checkpoints/reward")(torch.zeros(1, 3, 32, 32)).shape == (1,)
+
+
+def test_reward_weights_that_do_not_fit_the_model_name_the_folder(tmp_path):
+    import json
+
+    RewardModel(kernels=8, hidden=16).save(tmp_path / "reward")
+    config = tmp_path / "reward" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"kernels": 12}))
+    with pytest.raises(ValueError, match=r"reward: weights do not fit this reward model.*run the reward stage again"):
+        RewardModel.load(tmp_path / "reward")
