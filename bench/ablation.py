@@ -49,9 +49,15 @@ METHODS_DIR = REPO / "profiles" / "methods"
 from pipeline.config import ConfigError, load_raw, read_yaml, validate
 
 SEED_METHOD, FLIPPED = "adaptive", "flipped"
-METHODS = (SEED_METHOD, "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
-LABELS = {SEED_METHOD: "seed: difficulty-adaptive PPO", "ddpo": "DDPO", "coca": "CoCA (DDPO + CoCA credit)",
-          "lrpo": "LRPO", "rfsr": "RFSR (reward feedback)", FLIPPED: "seed, sign-flipped reward"}
+METHODS = (SEED_METHOD, "uniform", "refl", "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
+LABELS = {SEED_METHOD: "seed: params.yaml (difficulty-adaptive)", "uniform": "seed, uniform weighting",
+          "refl": "seed, reward-feedback objective",
+          "ddpo": "DDPO", "coca": "CoCA (DDPO + CoCA credit)", "lrpo": "LRPO", "rfsr": "RFSR (reward feedback)",
+          FLIPPED: "seed, sign-flipped reward"}
+# The issue's bar for "RL improves": the test reward gain over SFT, less its seed spread, above the
+# sign-flipped run's change plus its spread and above every hack control's change, and PSNR down
+# by no more than this.
+PSNR_TOLERANCE = 0.3
 # (evaluate.json metric, column header, format)
 TEST_METRICS = (("reward", "reward ↑", ".4f"), ("piqe", "PIQE ↓", ".2f"), ("psnr", "PSNR ↑", ".2f"),
                 ("ssim", "SSIM ↑", ".4f"))
@@ -320,56 +326,98 @@ def read_curves(text: str) -> list[dict]:
 # the tables
 
 
-def mean_std(values: list[float], fmt: str = ".4f") -> str:
-    """`mean ± std` (sample std over seeds) in format `fmt`; the mean alone for one value."""
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over seeds (0 for one value)."""
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:{fmt}}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:{fmt}} ± {std:{fmt}}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    """`mean ± std` in format `fmt`; the mean alone for one value."""
+    mean, std = _stats(values)
+    return f"{mean:{fmt}}" if len(values) == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def reward_gains(runs: list[Run]) -> list[float]:
+    """Each run's test reward minus the SFT model's (same test split, same reward)."""
+    return [r.evaluate["overall"]["rl"]["reward"] - r.evaluate["overall"]["sft"]["reward"] for r in runs]
+
+
+def verdict(group: list[Run], flipped: list[Run], overall: dict) -> str:
+    """`yes` where the group's reward gain clears the bar (PSNR_TOLERANCE above), else why not."""
+    gain, spread = _stats(reward_gains(group))
+    hack = max((overall[k]["reward"] - overall["sft"]["reward"] for k in overall if k.startswith("sft_")),
+               default=-math.inf)
+    flip = _stats(reward_gains(flipped)) if flipped else (-math.inf, 0.0)
+    psnr_drop = overall["sft"]["psnr"] - _stats([r.evaluate["overall"]["rl"]["psnr"] for r in group])[0]
+    reasons = []
+    if gain - spread <= flip[0] + flip[1]:
+        reasons.append("within the flipped run")
+    if gain - spread <= hack:
+        reasons.append("within a hack")
+    if psnr_drop > PSNR_TOLERANCE:
+        reasons.append(f"PSNR -{psnr_drop:.2f} dB")
+    return "yes" if not reasons else "no: " + ", ".join(reasons)
 
 
 def results_table(runs: list[Run]) -> str:
     """One row per method (over its seeds), then SFT and its hack controls."""
-    header = ["row", "seeds"] + [h for _, h, _ in TEST_METRICS] + ["val reward gain", "best epoch", "RL s", "rollouts"]
+    header = (["row", "seeds"] + [h for _, h, _ in TEST_METRICS]
+              + ["reward gain", "improves?", "val reward gain", "best epoch", "RL s", "rollouts"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     methods = list(dict.fromkeys(r.method for r in runs))
+    # The controls do not depend on RL: every run's evaluate.json holds the same ones.
+    overall = runs[0].evaluate["overall"]
+    flipped = [r for r in runs if r.method == FLIPPED]
     for method in methods:
         group = [r for r in runs if r.method == method]
         cells = [LABELS.get(method, method), ",".join(str(r.seed) for r in group)]
         cells += [mean_std([r.evaluate["overall"]["rl"][m] for r in group], f) for m, _, f in TEST_METRICS]
-        cells += [mean_std([r.rl["val_reward_gain"] for r in group], ".3g"),
+        cells += [mean_std(reward_gains(group), ".3f"),
+                  "–" if method == FLIPPED else verdict(group, flipped, overall),
+                  mean_std([r.rl["val_reward_gain"] for r in group], ".3g"),
                   mean_std([r.rl["best_epoch"] for r in group], ".1f"),
                   mean_std([r.rl["seconds"] for r in group], ".1f"),
                   "/".join(str(n) for n in sorted({r.rl["rollouts"] for r in group}))]
         lines.append("| " + " | ".join(cells) + " |")
-    # The controls do not depend on RL: every run's evaluate.json holds the same ones.
-    overall = runs[0].evaluate["overall"]
     controls = ["sft"] + sorted(k for k in overall if k.startswith("sft_"))
     for row in controls:
         label = "SFT" if row == "sft" else "SFT + " + row.removeprefix("sft_")
-        cells = [label, "–"] + [f"{overall[row][m]:{f}}" for m, _, f in TEST_METRICS] + ["–"] * 4
+        cells = [label, "–"] + [f"{overall[row][m]:{f}}" for m, _, f in TEST_METRICS]
+        cells += [f"{overall[row]['reward'] - overall['sft']['reward']:.3f}"] + ["–"] * 5
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def efficiency_table(runs: list[Run], methods: tuple[str, ...] = ("ddpo", "coca")) -> str:
-    """Per epoch: rollouts so far, and each method's rollout final reward and val reward (mean ± std)."""
+def epoch_table(runs: list[Run], methods: tuple[str, ...], keys: dict[str, str]) -> str:
+    """Per epoch: rollouts so far, and for each method each curve key (plots/rl_curves.csv
+    column -> header), mean ± std over seeds; empty unless a method ran."""
     present = [m for m in methods if any(r.method == m for r in runs)]
     if not present:
         return ""
     epochs = sorted({int(row["epoch"]) for r in runs if r.method in present for row in r.curves})
     per_epoch = {r.method: r.images_per_epoch * r.group_size for r in runs if r.method in present}
-    header = ["epoch", "rollouts"] + [f"{m} {what}" for m in present for what in ("rollout reward", "val reward")]
+    header = ["epoch", "rollouts"] + [f"{m} {label}" for m in present for label in keys.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for epoch in epochs:
         cells = [str(epoch), "/".join(str(b) for b in sorted({epoch * per_epoch[m] for m in present}))]
         for m in present:
             rows = [row for r in runs if r.method == m for row in r.curves if int(row["epoch"]) == epoch]
-            for key in ("reward.final.mean", "val_reward"):
-                cells.append(mean_std([row[key] for row in rows]) if rows else "–")
+            for key in keys:
+                cells.append(mean_std([row[key] for row in rows]) if rows and key in rows[0] else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def efficiency_table(runs: list[Run]) -> str:
+    """CoCA's claim: reward reached against rollouts, against the DDPO baseline."""
+    return epoch_table(runs, ("ddpo", "coca"), {"reward.final.mean": "rollout reward", "val_reward": "val reward"})
+
+
+def weighting_table(runs: list[Run]) -> str:
+    """The seed paper's claim: difficulty-adaptive against uniform weighting, val reward and PSNR per epoch."""
+    return epoch_table(runs, (SEED_METHOD, "uniform"), {"val_reward": "val reward", "val_psnr": "val PSNR"})
 
 
 def report(runs: list[Run], args: argparse.Namespace) -> str:
@@ -380,12 +428,19 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
          f"epochs/rollouts per run {', '.join(f'{e}/{n}' for e, n in budget)})"),
         "",
         ("Test split (metrics/evaluate.json of each DVC experiment, mean ± std over seeds; `reward` is the "
-         "learned reward). Val reward gain (best epoch over SFT) and best epoch from metrics/rl.json, in each "
-         "run's own rl.reward (flipped for the sign-flipped row, composite for LRPO). Best epoch 0: "
-         "no epoch beat SFT, so the shipped model is SFT. RL s: the rl stage's training loop (wall seconds)."),
+         "learned reward). Reward gain: test reward minus SFT's. Improves?: the gain less its seed spread "
+         "beats the sign-flipped run's change plus its spread and every hack control's change, with PSNR "
+         f"down by at most {PSNR_TOLERANCE} dB. Val reward gain (best epoch over SFT) and best epoch from "
+         "metrics/rl.json, in each run's own rl.reward (flipped for the sign-flipped row, composite for "
+         "LRPO). Best epoch 0: no epoch beat SFT, so the shipped model is SFT. RL s: the rl stage's "
+         "training loop (wall seconds)."),
         "",
         results_table(runs),
     ]
+    weighting = weighting_table(runs)
+    if weighting:
+        parts += ["", ("Difficulty-adaptive vs uniform weighting (plots/rl_curves.csv): val reward and val PSNR "
+                       "after each epoch, mean ± std over seeds; same data, seeds and rollouts."), "", weighting]
     efficiency = efficiency_table(runs)
     if efficiency:
         parts += ["", ("Sample efficiency (plots/rl_curves.csv): reward of each epoch's rollouts (before its "

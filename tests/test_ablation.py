@@ -108,12 +108,16 @@ def _runs(tmp_path) -> list:
 def test_tables(tmp_path):
     runs = _runs(tmp_path)
     table = ablation.results_table(runs).splitlines()
-    assert table[0].startswith("| row | seeds | reward ↑ | PIQE ↓ | PSNR ↑ | SSIM ↑ | val reward gain")
+    assert table[0].startswith("| row | seeds | reward ↑ | PIQE ↓ | PSNR ↑ | SSIM ↑ | reward gain | improves? | "
+                               "val reward gain")
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
     assert list(rows) == ["DDPO", "CoCA (DDPO + CoCA credit)", "SFT", "SFT + dither"]
     psnr = [r.evaluate["overall"]["rl"]["psnr"] for r in runs if r.method == "ddpo"]
     assert rows["DDPO"][1] == "0,1" and rows["DDPO"][4] == ablation.mean_std(psnr, ".2f")
-    assert rows["DDPO"][6:] == ["0.025 ± 0.0354", "2.0 ± 0.0", "10.5 ± 0.7", "16 |"]
+    gains = [r.evaluate["overall"]["rl"]["reward"] - r.evaluate["overall"]["sft"]["reward"]
+             for r in runs if r.method == "ddpo"]
+    assert rows["DDPO"][6] == ablation.mean_std(gains, ".3f")
+    assert rows["DDPO"][8:] == ["0.025 ± 0.0354", "2.0 ± 0.0", "10.5 ± 0.7", "16 |"]
     assert rows["SFT"][4] == f"{runs[0].evaluate['overall']['sft']['psnr']:.2f}"
 
     efficiency = ablation.efficiency_table(runs).splitlines()
@@ -121,3 +125,23 @@ def test_tables(tmp_path):
                              "coca rollout reward | coca val reward |")
     assert efficiency[3].startswith("| 2 | 16 | 0.2250 ± 0.0354 | 0.4000 ± 0.0000 | 0.3250 ± 0.0354")
     assert ablation.mean_std([1.0], ".2f") == "1.00"
+
+
+def test_verdict_needs_a_gain_beyond_the_flipped_run_the_hacks_and_the_spread(tmp_path):
+    runs = _runs(tmp_path)
+    overall = runs[0].evaluate["overall"]
+    sft = overall["sft"]
+
+    def runs_with(gains, psnr_drop=0.0):
+        return [ablation.Run("m", i, f"m-s{i}", {}, {"overall": overall | {"rl": {
+            "reward": sft["reward"] + g, "psnr": sft["psnr"] - psnr_drop}}}, 4, 2, [])
+            for i, g in enumerate(gains)]
+
+    hack = max(overall[k]["reward"] - sft["reward"] for k in overall if k.startswith("sft_"))
+    flipped = runs_with([-0.1, -0.2])
+    clear = max(hack, 0.0) + 1.0
+    assert ablation.verdict(runs_with([clear, clear + 0.1]), flipped, overall) == "yes"
+    assert ablation.verdict(runs_with([clear, clear], psnr_drop=0.5), flipped, overall) == "no: PSNR -0.50 dB"
+    # the same mean gain with a seed spread that reaches down into the flipped run's range
+    assert "within the flipped run" in ablation.verdict(runs_with([clear - 3, clear + 3]), flipped, overall)
+    assert "within a hack" in ablation.verdict(runs_with([hack - 0.01, hack - 0.01]), runs_with([-5.0]), overall)

@@ -74,6 +74,16 @@ def test_quantized_input_ignores_sub_grey_level_changes():
     torch.testing.assert_close(model(x), model(x + 0.2 / 255))
 
 
+def test_score_is_the_same_for_every_orientation_of_an_image():
+    torch.manual_seed(0)
+    model = RewardModel(kernels=8, hidden=16).eval()
+    x, _ = _images()
+    turned = torch.rot90(x, 1, (2, 3)).flip(3)
+    torch.testing.assert_close(model(turned), model(x))
+    # one view alone is not invariant: the mean over views is what makes it so
+    assert not torch.allclose(model.score_view(turned), model.score_view(x))
+
+
 @pytest.mark.parametrize("name", sorted(HACKS))
 def test_hack_controls_change_the_image_slightly(name):
     gt, _ = _images()

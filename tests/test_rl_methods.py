@@ -24,7 +24,7 @@ from pipeline.rl.regularizers import (REGULARIZERS, TrainedStep, gt_guided_mean,
 from pipeline.rl.rollout import collect
 from tests.conftest import smoke_params, smoke_raw
 
-METHODS = ("ddpo", "coca", "lrpo", "rfsr")
+METHODS = ("ddpo", "coca", "lrpo", "rfsr", "refl", "uniform")
 
 
 def method_raw(name: str, **overrides) -> dict:
@@ -382,8 +382,11 @@ def test_each_method_runs_the_rl_stage(method, scored_workspace, tmp_path, monke
     assert len(history) == 2
     for row in history:
         assert all(v not in ("nan", "inf", "-inf") for v in row.values()), row
-        assert float(row["loss_sft"]) == 0.0, "rl_only: no SFT term"
-        assert float(row["weight_rl"]) == 1.0
+        if params.rl.difficulty.weighting == "rl_only":
+            assert float(row["loss_sft"]) == 0.0, "rl_only: no SFT term"
+            assert float(row["weight_rl"]) == 1.0
+        else:  # the seed method's mixing: some weight on each term
+            assert float(row["loss_sft"]) > 0.0 and 0.0 < float(row["weight_rl"]) < 1.0
     if params.rl.regularizers:
         assert "loss_reg" in history[0]
     if method == "rfsr":

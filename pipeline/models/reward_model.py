@@ -14,6 +14,12 @@ difference (numbers in pipeline/stages/reward.py):
 
 Inputs are rounded to 8 bits with a straight-through gradient: a change below one grey level
 (a sub-quantum dither) cannot move the score, yet gradients still flow for reward feedback.
+
+The score of an image is the mean over its 8 dihedral views (rotations and flips), the usual
+test-time augmentation: image quality does not depend on orientation, and the mean is less
+sensitive to the one view the net happens to misjudge. Measured on the held-out val split
+(reward stage at 800 steps): GT>LQ 0.938 -> 0.958, GT>SFT 0.917 -> 0.938 with the mean. Training
+scores one random view per batch (`score_view`), as the batch itself is transformed at random.
 The score is differentiable end to end; there is no dropout or batch norm, so train and eval
 modes score alike.
 """
@@ -51,9 +57,11 @@ class RewardModel(torch.nn.Module):
     """`kernels`: channels of the first stage (the second has twice as many); `hidden`: the
     head's width; `blocks`: residual blocks per stage."""
 
-    def __init__(self, kernels: int = 24, hidden: int = 64, blocks: int = 1, quantize: bool = True):
+    def __init__(self, kernels: int = 24, hidden: int = 64, blocks: int = 1, quantize: bool = True,
+                 dihedral_mean: bool = True):
         super().__init__()
-        self.config = {"kernels": kernels, "hidden": hidden, "blocks": blocks, "quantize": quantize}
+        self.config = {"kernels": kernels, "hidden": hidden, "blocks": blocks, "quantize": quantize,
+                       "dihedral_mean": dihedral_mean}
         w = kernels
         self.stem = torch.nn.Sequential(torch.nn.PixelUnshuffle(2), torch.nn.Conv2d(24, w, 3, padding=1))
         self.stage1 = torch.nn.Sequential(*[ResidualBlock(w) for _ in range(blocks)])
@@ -61,10 +69,19 @@ class RewardModel(torch.nn.Module):
         self.stage2 = torch.nn.Sequential(*[ResidualBlock(2 * w) for _ in range(blocks)])
         self.head = torch.nn.Sequential(torch.nn.Linear(5 * w, hidden), torch.nn.LeakyReLU(0.2),
                                         torch.nn.Linear(hidden, 1))
-        self.quantize = quantize
+        self.quantize, self.dihedral_mean = quantize, dihedral_mean
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N,) scores, higher is better. H, W even."""
+        """(N, 3, H, W) in [-1, 1] -> (N,) scores, higher is better: the mean over the 8
+        dihedral views (or the image as it is, with dihedral_mean off). H, W even."""
+        if not self.dihedral_mean:
+            return self.score_view(images)
+        views = [torch.rot90(images, k, (2, 3)) for k in range(4)]
+        views += [v.flip(3) for v in views]
+        return torch.stack([self.score_view(v) for v in views]).mean(0)
+
+    def score_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The score of the images as they are (one view)."""
         x = ((images + 1) / 2).clamp(0, 1)
         if self.quantize:
             x = x + ((x * 255).round() / 255 - x).detach()

@@ -70,7 +70,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator)
             images, quality, hacks = training_batch(train.gt[idx], train.lq[idx], train_sft[idx],
                                                     [f[idx] for f in fresh], generator)
-            scores = model(images.to(device))
+            scores = model.score_view(images.to(device))  # the batch is already a random view
             quality_loss = -F.logsigmoid(scores[quality[:, 0]] - scores[quality[:, 1]]).mean()
             hack_loss = -F.logsigmoid(scores[hacks[:, 0]] - scores[hacks[:, 1]]).mean()
             loss = quality_loss + cfg.hack_weight * hack_loss
