@@ -49,9 +49,9 @@ METHODS_DIR = REPO / "profiles" / "methods"
 from pipeline.config import ConfigError, load_raw, read_yaml, validate
 
 SEED_METHOD, FLIPPED = "adaptive", "flipped"
-METHODS = (SEED_METHOD, "uniform", "refl", "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
+METHODS = (SEED_METHOD, "uniform", "ppo", "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
 LABELS = {SEED_METHOD: "seed: params.yaml (difficulty-adaptive)", "uniform": "seed, uniform weighting",
-          "refl": "seed, reward-feedback objective",
+          "ppo": "seed, PPO objective",
           "ddpo": "DDPO", "coca": "CoCA (DDPO + CoCA credit)", "lrpo": "LRPO", "rfsr": "RFSR (reward feedback)",
           FLIPPED: "seed, sign-flipped reward"}
 # The bar for "RL improves": the test reward gain over SFT, less its seed spread, above the

@@ -149,3 +149,35 @@ def test_reward_weights_that_do_not_fit_the_model_name_the_folder(tmp_path):
     config.write_text(json.dumps(json.loads(config.read_text()) | {"kernels": 12}))
     with pytest.raises(ValueError, match=r"reward: weights do not fit this reward model.*run the reward stage again"):
         RewardModel.load(tmp_path / "reward")
+
+
+class _Smoothness(torch.nn.Module):
+    """A stand-in scorer (no training needed): minus the high-frequency energy, times `sign`."""
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pipeline.models.reward_model import high_pass
+
+        return -self.sign * high_pass(x).pow(2).mean(dim=(1, 2, 3))
+
+
+def test_reward_checks_rank_rates_and_catch_a_hack_that_beats_the_sft_output():
+    from pipeline.data.dataset import PairedSplit
+    from pipeline.stages.reward import reward_checks
+
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-0.5, 0.5, 32)
+    gt = (ramp[None, None, :, None] + ramp[None, None, None, :] * torch.rand(6, 3, 1, 1, generator=g)) / 2
+    lq = gt + 0.2 * torch.randn(gt.shape, generator=g)
+    sft = gt + 0.05 * torch.randn(gt.shape, generator=g)
+    val = PairedSplit(gt, lq, [{"task": "gaussian_noise"}] * 6)
+    checks = reward_checks(_Smoothness(), val, sft, g)
+    assert checks["gt_above_lq"] == 1.0 and checks["gt_above_sft"] == 1.0
+    # a smoothness score prefers the 3x3 blur of the noisy SFT output to the output itself
+    assert checks["hack_mean"]["blur"] > checks["mean"]["sft"] and checks["passed"] is False
+    assert checks["hack_mean"]["dither"] < checks["mean"]["sft"]
+    inverted = reward_checks(_Smoothness(sign=-1.0), val, sft, g)
+    assert inverted["gt_above_lq"] == 0.0 and inverted["passed"] is False

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import PROFILES_DIR, ConfigError, deep_merge, read_yaml, validate
+from pipeline.config import PROFILES_DIR, ConfigError, deep_merge, load_raw, read_yaml, validate
 from pipeline.data.dataset import load_split
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.models.reward_model import RewardModel
@@ -24,12 +24,15 @@ from pipeline.rl.regularizers import (REGULARIZERS, TrainedStep, gt_guided_mean,
 from pipeline.rl.rollout import collect
 from tests.conftest import smoke_params, smoke_raw
 
-METHODS = ("ddpo", "coca", "lrpo", "rfsr", "refl", "uniform")
+METHODS = ("ddpo", "coca", "lrpo", "rfsr", "ppo", "uniform")
+# ppo.yaml scores steps 5 and 10 of the default 10-step rollouts; smoke rollouts have 3 steps.
+ON_SMOKE = {"ppo": {"rl": {"reward_steps": [2, 3]}}}
 
 
 def method_raw(name: str, **overrides) -> dict:
     """The smoke profile with profiles/methods/<name>.yaml merged on top, then `overrides`."""
-    return deep_merge(deep_merge(smoke_raw(), read_yaml(PROFILES_DIR / "methods" / f"{name}.yaml")), overrides)
+    method = deep_merge(read_yaml(PROFILES_DIR / "methods" / f"{name}.yaml"), ON_SMOKE.get(name, {}))
+    return deep_merge(deep_merge(smoke_raw(), method), overrides)
 
 
 def _rollouts(prediction_type: str = "sample", steps: int = 4):
@@ -308,8 +311,10 @@ def test_method_config_errors_name_the_key(rl, message):
 def test_defaults_keep_the_seed_method():
     cfg = smoke_params().rl
     assert (cfg.objective, cfg.step_credit, cfg.step_weighting, cfg.regularizers) == \
-        ("ppo", "next_checkpoint", "uniform", [])
-    assert cfg.difficulty.weighting == "adaptive"
+        ("refl", "next_checkpoint", "uniform", [])
+    assert cfg.difficulty.weighting == "adaptive" and cfg.kl_beta == 0.0
+    ppo = validate(deep_merge(load_raw(PROFILES_DIR.parent / "params.yaml"), read_yaml(PROFILES_DIR / "methods/ppo.yaml")), "ppo").rl
+    assert (ppo.objective, ppo.reward_steps, ppo.kl_beta, ppo.difficulty.weighting) == ("ppo", [5, 10], 50.0, "adaptive")
     for name in METHODS:
         validate(method_raw(name), name)  # every method file is valid on the smoke profile
 

@@ -117,7 +117,7 @@ def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
     from pipeline.stages.rl import train_on_rollouts
 
     base, r = _rollouts()
-    cfg = smoke_params(rl={"steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
+    cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
                            "train_step_fraction": 1.0, "lr": 1e-3}).rl
     advantages = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
     runs = {}
@@ -143,7 +143,7 @@ def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
     from pipeline.stages.rl import train_on_rollouts
 
     base, r = _rollouts()
-    cfg = smoke_params(rl={"steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
+    cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
                            "train_step_fraction": 1.0, "lr": 1e-3}).rl
     advantages = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
     weights = []

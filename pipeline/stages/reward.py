@@ -13,12 +13,11 @@ No-reference Image Quality Assessment", 2017) to the pairs
 
 The fresh copies are drawn once per run from every degradation family at its default ranges
 (pipeline/data/degradations.py): more negatives than the fixed pairs. Measured on the held-out val
-split (48 coffee patches, one seed each, so ±1 patch is noise): CNNIQA with pairs only, 400 steps:
-GT>LQ 0.67, GT>SFT 0.67, unsharp and contrast above SFT; this model, 600 steps, 2 fresh copies:
-0.875-0.94 / 0.69-0.83, all hacks below SFT; 1500 steps: 0.90 / 0.79 (2 fresh copies; training
-split 0.97 / 0.92), 0.94 / 0.77 (4 fresh copies, profiles/quality.yaml) -- the remaining gap is
-generalisation from 10 training images to an unseen one, not under-fitting. The checks the issue sets are computed on the held-out val split
-and written to metrics/reward.json.
+split (48 coffee patches, one seed each, so one patch is 0.02): CNNIQA with pairs only, 400 steps:
+GT>LQ 0.67, GT>SFT 0.67, unsharp and contrast above SFT; this model, 400 steps, one view: 0.92 /
+0.75, unsharp above SFT; 800 steps, one view: 0.94 / 0.92; 800 steps, mean of the 8 dihedral views
+(RewardModel): 0.96 / 0.94, every hack below SFT -- passing. The checks the issue sets are computed
+on the held-out val split and written to metrics/reward.json.
 """
 
 from __future__ import annotations
