@@ -27,7 +27,7 @@ from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
 from pipeline.rl.advantages import group_advantages
 from pipeline.rl.rollout import collect
-from pipeline.stages.rl import checkpoint_rewards, per_step_advantages, train_on_rollouts
+from pipeline.stages.rl import checkpoint_rewards, differentiable_reward, per_step_advantages, train_on_rollouts
 from pipeline.stages.score import load_reward
 
 
@@ -48,6 +48,7 @@ def main() -> None:
     model = DiffusionRestorer.from_pretrained(paths.sft_model)
     reference = model.reference()
     reward = load_reward(params, paths, torch.device("cpu"))
+    feedback = differentiable_reward(params, paths, torch.device("cpu")) if cfg.objective == "refl" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(0)
     idx = torch.arange(cfg.images_per_epoch)
@@ -67,7 +68,8 @@ def main() -> None:
                                               std_scope=cfg.advantage_std).flatten() for rw in rewards])
         advantages = per_step_advantages(adv_k, r, cfg)
         model.train()
-        _, seconds = timed(lambda: train_on_rollouts(model, reference, optimizer, r, advantages, w, cfg, generator))
+        _, seconds = timed(lambda: train_on_rollouts(model, reference, optimizer, r, advantages, w, cfg, generator,
+                                                            feedback))
         phases["update"].append(seconds)
         phases["bare"].append(bare_forward_backward(model, r, cfg.minibatch))
 
@@ -75,12 +77,14 @@ def main() -> None:
     stochastic = int(r.mask.sum())
     steps_per_mb = max(1, round(cfg.train_step_fraction * stochastic))
     minibatches = cfg.inner_epochs * -(-n // cfg.minibatch)
-    # Per minibatch and trained step: the policy's forward+backward, the reference's forward
-    # (KL); plus one forward+backward for the SFT loss per minibatch.
-    passes = minibatches * (steps_per_mb + 1)
+    # Per minibatch: ppo trains `steps_per_mb` recorded steps (policy forward+backward, plus the
+    # reference's forward for the KL), refl `refl.grad_steps` steps chained into the reward's
+    # gradient; plus one forward+backward for the SFT loss.
+    trained = steps_per_mb if cfg.objective == "ppo" else cfg.refl.grad_steps
+    passes = minibatches * (trained + 1)
     epoch = med["rollout"] + med["reward"] + med["update"]
     print(f"rl epoch: {cfg.images_per_epoch} images x G={cfg.group_size}, {cfg.steps} DDIM steps, "
-          f"{minibatches} minibatches of {cfg.minibatch} x {steps_per_mb} trained steps "
+          f"{minibatches} minibatches of {cfg.minibatch} x {trained} trained steps ({cfg.objective}) "
           f"(median of {args.repeats}, {params.runtime.threads} threads)")
     for name in ("rollout", "reward", "update"):
         print(f"  {name:8s} {med[name]:7.2f} s  {100 * med[name] / epoch:5.1f} %")
