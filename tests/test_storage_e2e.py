@@ -131,17 +131,17 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     assert any(k.endswith("safetensors") for k in keys) and any(k.endswith("evaluate.json") for k in keys)
 
     # dvc push, lose the cache and the outputs, dvc pull: the same bytes come back.
-    before = file_hashes(root, "data/prepared", "checkpoints/sft")
+    before = file_hashes(root, "data/prepared", "checkpoints/sft", "checkpoints/rl")
     assert len(before) > 50
     run([str(BIN / "dvc"), "push"], root, env, logs)
     assert buckets.list_objects_v2(Bucket="dvc", Prefix="store/")["KeyCount"] > 0
-    for d in (".dvc/cache", "data/prepared", "checkpoints/sft"):
+    for d in (".dvc/cache", "data/prepared", "checkpoints/sft", "checkpoints/rl"):
         shutil.rmtree(root / d)
     run([str(BIN / "dvc"), "pull"], root, env, logs)
-    assert file_hashes(root, "data/prepared", "checkpoints/sft") == before
+    assert file_hashes(root, "data/prepared", "checkpoints/sft", "checkpoints/rl") == before
 
-    # The champion loads through the server with no S3 credentials on this side, and it is
-    # the pulled checkpoint: same weights, same seed, same restoration.
+    # The champion (the rl stage's model) loads through the server with no S3 credentials on
+    # this side, and it is the pulled checkpoint: same weights, same seed, same restoration.
     for k in list(os.environ):
         if k.startswith("AWS_"):
             monkeypatch.delenv(k)
@@ -156,7 +156,7 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     assert restored.shape == batch.shape and np.isfinite(restored).all()
     from pipeline.models.restorer import DiffusionRestorer
 
-    local = DiffusionRestorer.from_pretrained(root / "checkpoints/sft").eval()
+    local = DiffusionRestorer.from_pretrained(root / "checkpoints/rl").eval()
     cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
     with torch.no_grad():
         expected = local.sample(cond, 10, 0.0, torch.Generator().manual_seed(0)).image
