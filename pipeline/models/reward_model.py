@@ -17,8 +17,9 @@ Inputs are rounded to 8 bits with a straight-through gradient: a change below on
 
 The score of an image is the mean over its 8 dihedral views (rotations and flips), the usual
 test-time augmentation: image quality does not depend on orientation, and the mean is less
-sensitive to the one view the net happens to misjudge. Measured on the held-out val split
-(reward stage at 800 steps): GT>LQ 0.938 -> 0.958, GT>SFT 0.917 -> 0.938 with the mean. Training
+sensitive to the one view the net happens to misjudge. Measured on the held-out val split in a
+scratch run of the reward stage's training (800 steps, one seed): GT>LQ 0.938 -> 0.958, GT>SFT
+0.917 -> 0.938 with the mean. Training
 scores one random view per batch (`score_view`), as the batch itself is transformed at random.
 The score is differentiable end to end; there is no dropout or batch norm, so train and eval
 modes score alike.
