@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pipeline.commands import dvc, git
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
 
 
 def workspace(root: Path, profile: str | None) -> Path:
@@ -29,17 +27,15 @@ def workspace(root: Path, profile: str | None) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=env)
+    git("init", "-q", cwd=root)
+    dvc("init", "-q", cwd=root)
     materialise_params(root, profile, {})  # the same params.yaml the flow writes
     return root
 
 
 def time_dvc(root: Path, stages: list[str]) -> float:
-    env = os.environ | {"DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
-    subprocess.run([str(BIN / "dvc"), "repro", *stages], cwd=root, env=env, check=True, capture_output=True)
+    dvc("repro", *stages, cwd=root)
     return time.perf_counter() - start
 
 

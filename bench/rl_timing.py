@@ -4,7 +4,7 @@
 
 Run in a workspace after `restorl repro` (it needs checkpoints/sft, checkpoints/reward and
 data/difficulty.csv). With `params.yaml`'s `rl` section, times one epoch's phases of the rl
-stage on the same code the stage runs (pipeline/stages/rl.py), median of `--repeats`:
+stage on the same code the stage runs (pipeline/rl/loop.py), median of `--repeats`:
   rollout  G rollouts of `images_per_epoch` LQ patches (`rl.steps` DDIM steps, no gradient)
   reward   the reward at every checkpoint of `rl.reward_steps`
   update   the training phase (objective, KL, regularizers, SFT loss, optimiser steps)
@@ -25,10 +25,9 @@ from pipeline.config import load_params
 from pipeline.data.dataset import load_split
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
-from pipeline.rl.advantages import group_advantages
+from pipeline.rewards.scorers import load_reward
+from pipeline.rl import loop, parts
 from pipeline.rl.rollout import collect
-from pipeline.stages.rl import checkpoint_rewards, differentiable_reward, per_step_advantages, train_on_rollouts
-from pipeline.stages.score import load_reward
 
 
 def timed(fn):
@@ -43,12 +42,14 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params("params.yaml")
     cfg, paths = params.rl, Paths(Path("."))
+    picked = parts.pick(cfg)
     torch.set_num_threads(params.runtime.threads)
     train = load_split(paths.data, "train")
     model = DiffusionRestorer.from_pretrained(paths.sft_model)
-    reference = model.reference()
+    reference = model.reference() if picked.needs_reference else None
     reward = load_reward(params, paths, torch.device("cpu"))
-    feedback = differentiable_reward(params, paths, torch.device("cpu")) if cfg.objective == "refl" else None
+    feedback = (load_reward(params, paths, torch.device("cpu"), differentiable=True)
+                if picked.needs_differentiable_reward else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(0)
     idx = torch.arange(cfg.images_per_epoch)
@@ -62,14 +63,12 @@ def main() -> None:
         r, seconds = timed(lambda: collect(model, train.lq[idx], train.gt[idx], tasks, cfg.group_size,
                                            cfg.steps, cfg.eta, generator))
         phases["rollout"].append(seconds)
-        rewards, seconds = timed(lambda: checkpoint_rewards(reward, r, cfg.reward_steps))
+        rewards, seconds = timed(lambda: loop.checkpoint_rewards(reward, r, cfg.reward_steps))
         phases["reward"].append(seconds)
-        adv_k = torch.stack([group_advantages(rw.view(-1, cfg.group_size), cfg.advantage_clip,
-                                              std_scope=cfg.advantage_std).flatten() for rw in rewards])
-        advantages = per_step_advantages(adv_k, r, cfg)
-        model.train()
-        _, seconds = timed(lambda: train_on_rollouts(model, reference, optimizer, r, advantages, w, cfg, generator,
-                                                            feedback))
+        advantages = loop.per_step_advantages(rewards, r, picked, cfg) if picked.needs_advantages else None
+        samples = loop.EpochSamples(idx, r, rewards, advantages, w, w)
+        _, seconds = timed(lambda: loop.train_on_rollouts(model, optimizer, samples, picked, cfg, generator,
+                                                          reference, feedback))
         phases["update"].append(seconds)
         phases["bare"].append(bare_forward_backward(model, r, cfg.minibatch))
 
@@ -80,7 +79,7 @@ def main() -> None:
     # Per minibatch: ppo trains `steps_per_mb` recorded steps (policy forward+backward, plus the
     # reference's forward for the KL), refl `refl.grad_steps` steps chained into the reward's
     # gradient; plus one forward+backward for the SFT loss.
-    trained = steps_per_mb if cfg.objective == "ppo" else cfg.refl.grad_steps
+    trained = steps_per_mb if picked.needs_advantages else cfg.refl.grad_steps
     passes = minibatches * (trained + 1)
     epoch = med["rollout"] + med["reward"] + med["update"]
     print(f"rl epoch: {cfg.images_per_epoch} images x G={cfg.group_size}, {cfg.steps} DDIM steps, "

@@ -16,10 +16,7 @@ import torch
 
 from pipeline.data.dataset import load_split
 from pipeline.models.restorer import DiffusionRestorer
-
-
-def psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(4 / ((x.clamp(-1, 1) - gt) ** 2).mean(dim=(1, 2, 3)))
+from pipeline.rewards.iqa import psnr
 
 
 def main() -> None:

@@ -21,16 +21,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from pipeline.config import deep_merge, load_raw, validate
-from pipeline.data.dataset import load_split, random_dihedral
+from pipeline.data.dataset import load_split, random_dihedral, sample_weights
 from pipeline.models.restorer import DiffusionRestorer
-from pipeline.stages.sft import sample_weights
-
+from pipeline.rewards.iqa import psnr
 
 SAMPLING_STEPS = (1, 2, 4, 10)
-
-
-def psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(4 / ((x.clamp(-1, 1) - gt) ** 2).mean(dim=(1, 2, 3)))
 
 
 def train_and_score(override: dict, steps: int) -> dict:

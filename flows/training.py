@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +25,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
-from pipeline.config import (
-    ConfigError,
-    deep_merge,
-    profile_overrides,
-    read_yaml,
-    validate,
-)
+from pipeline.commands import CommandError, dvc, git, run_captured, run_streamed, tool
+from pipeline.config import ConfigError, deep_merge, flatten, profile_overrides, read_yaml
+from pipeline.part_names import validate
+from pipeline.paths import Paths
 
-BIN = Path(sys.executable).parent
 PROMOTE = "promote"
 # `restorl <stage>` exits with 2 on a user error (bad params or data): retrying cannot help.
 USER_ERROR_EXIT = 2
@@ -43,7 +37,6 @@ USER_ERROR_EXIT = 2
 PARAMS_MARKER = "# Written by the restorl flow"
 PARAMS_BASE = ".restorl/params.base.yaml"
 FLOW_LOCK = ".restorl/flow.lock"
-RUN_INFO_DIR = ".restorl/runs"  # pipeline.tracking.RUN_INFO_DIR; not imported to keep mlflow out
 
 
 class StageUserError(RuntimeError):
@@ -144,7 +137,7 @@ def promote_task(root: Path, wanted: bool, push: bool) -> dict[str, Any]:
             run_dvc(root, ["push", PROMOTE], PROMOTE)
             result["pushed"] = True
     else:
-        run_logged([str(BIN / "restorl"), PROMOTE], root, PROMOTE)
+        run_logged([tool("restorl"), PROMOTE], root, PROMOTE)
         result["ran"] = True
     result["seconds"] = round(time.perf_counter() - start, 2)
     publish_artifact(root, PROMOTE, result)
@@ -219,11 +212,6 @@ def materialise_params(root: Path, profile: str | None, overrides: dict[str, Any
 # running commands
 
 
-def tool_env() -> dict[str, str]:
-    # Stage commands must find the `restorl` and `dvc` next to this interpreter.
-    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-
-
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         return get_run_logger()
@@ -235,16 +223,16 @@ def run_logged(args: list[str], root: Path, stage: str) -> str:
     """Run a command in the workspace, streaming its output to the task log; classify a failure."""
     logger = _logger()
     logger.info("$ %s", " ".join(args))
-    try:
-        proc = subprocess.Popen(args, cwd=root, env=tool_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    except OSError as err:
-        raise StageTransientError(f"stage {stage}: cannot start {args[0]}: {err}") from None
-    lines = []
-    for line in proc.stdout:
+    lines: list[str] = []
+
+    def log_line(line: str) -> None:
         lines.append(line)
         logger.info(line.rstrip())
-    code = proc.wait()
+
+    try:
+        code = run_streamed(args, cwd=root, on_line=log_line)
+    except CommandError as err:  # could not start
+        raise StageTransientError(f"stage {stage}: {err}") from None
     output = "".join(lines)
     if code == 0:
         return output
@@ -258,12 +246,11 @@ def run_logged(args: list[str], root: Path, stage: str) -> str:
 
 
 def run_dvc(root: Path, args: list[str], stage: str) -> str:
-    return run_logged([str(BIN / "dvc"), *args], root, stage)
+    return run_logged([tool("dvc"), *args], root, stage)
 
 
 def remote_configured(root: Path) -> bool:
-    proc = subprocess.run([str(BIN / "dvc"), "remote", "list"], cwd=root, env=tool_env(),
-                          capture_output=True, text=True, check=False)
+    proc = dvc("remote", "list", cwd=root, check=False)
     if proc.returncode != 0:
         _logger().warning("nothing pushed: `dvc remote list` failed: %s", proc.stderr.strip()[-500:])
         return False
@@ -271,29 +258,25 @@ def remote_configured(root: Path) -> bool:
 
 
 def cli_has_command(root: Path, name: str) -> bool:
-    proc = subprocess.run([str(BIN / "restorl"), "--help"], cwd=root, env=tool_env(),
-                          capture_output=True, text=True, check=False)
+    proc = run_captured([tool("restorl"), "--help"], cwd=root, check=False)
     # typer lists each command as a row "│ name   help… │" in its Commands box.
     return any(re.match(rf"^\W*{re.escape(name)}\s", line) for line in proc.stdout.splitlines())
 
 
 def checkout(root: Path, ref: str) -> None:
     """Check `ref` out (detached) unless HEAD is already there; a bad ref fails at once."""
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-
-    target = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    target = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", cwd=root, check=False)
     if target.returncode != 0:
-        git("fetch", "--quiet", "origin", ref)
-        target = git("rev-parse", "--verify", "--quiet", "FETCH_HEAD^{commit}")
+        git("fetch", "--quiet", "origin", ref, cwd=root, check=False)
+        target = git("rev-parse", "--verify", "--quiet", "FETCH_HEAD^{commit}", cwd=root, check=False)
         if target.returncode != 0:
             raise StageUserError(f"git ref '{ref}' not found in {root} (nor on its origin)")
-    if git("rev-parse", "HEAD").stdout.strip() == target.stdout.strip():
+    if git("rev-parse", "HEAD", cwd=root, check=False).stdout.strip() == target.stdout.strip():
         return
     if (root / PARAMS_BASE).exists() and (root / "params.yaml").read_text().startswith(PARAMS_MARKER):
         (root / "params.yaml").write_text((root / PARAMS_BASE).read_text())  # let git switch it
         (root / PARAMS_BASE).unlink()
-    done = git("checkout", "--quiet", "--detach", target.stdout.strip())
+    done = git("checkout", "--quiet", "--detach", target.stdout.strip(), cwd=root, check=False)
     if done.returncode != 0:
         raise StageUserError(f"cannot check out git ref '{ref}' in {root}: {done.stderr.strip()}")
 
@@ -329,7 +312,8 @@ def mlflow_run_link(info: dict[str, str]) -> str:
 
 
 def stage_metrics(root: Path, stage: str) -> dict[str, Any]:
-    """Numbers from the metrics files the stage declares in dvc.yaml, flattened to dotted keys."""
+    """Numbers (not booleans) from the metrics files the stage declares in dvc.yaml, as
+    `file:dotted.key`."""
     spec = ((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}).get(stage) or {}
     found: dict[str, Any] = {}
     for entry in spec.get("metrics", []):
@@ -338,24 +322,17 @@ def stage_metrics(root: Path, stage: str) -> dict[str, Any]:
             data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
         except (OSError, ValueError, yaml.YAMLError):
             continue
-        found |= {f"{path.name}:{k}": v for k, v in _flatten(data).items()}
+        if isinstance(data, dict):
+            found |= {f"{path.name}:{k}": v for k, v in flatten(data).items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return found
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out |= _flatten(sub, f"{prefix}{key}.")
-        return out
-    return {prefix.rstrip("."): value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
 
 
 def stage_markdown(root: Path, stage: str, result: dict[str, Any]) -> str:
     status = (f"ran in {result['seconds']} s" if result["ran"] else "up to date (skipped by DVC)")
     lines = [f"# Stage `{stage}`", "", f"- status: {status}",
              f"- pushed to the DVC remote: {'yes' if result['pushed'] else 'no'}"]
-    info_file = root / RUN_INFO_DIR / f"{stage}.json"
+    info_file = Paths(root).run_info / f"{stage}.json"
     if info_file.exists():
         info = json.loads(info_file.read_text())
         lines.append(f"- MLflow run: [{info['run_id']}]({mlflow_run_link(info)}) "

@@ -8,16 +8,35 @@ so a changed config never silently resumes a stale run.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pipeline.atomic import atomic_file
 
+if TYPE_CHECKING:
+    from pipeline.config import Params
+
 STATE_FILE = "state.pt"
+
+
+def file_hash(*paths: Path) -> str:
+    """Short sha256 of the bytes of the files (every file of a folder, in path order)."""
+    h = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for f in files:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(params: "Params", sections: list[str], inputs: list[Path]) -> str:
+    """What a resumable state depends on: the params sections the stage reads and its input files."""
+    return f"{params.section_hash(*sections)}-{file_hash(*inputs)}"
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 import yaml
 
-from pipeline.config import ConfigError, load_params, load_raw, validate
-from pipeline.data.sources import DataError
-from pipeline.iqa import MetricError
-from pipeline.rewards.scorers import RewardError
-from pipeline.storage import StorageError
+from pipeline.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RL fine-tuning of diffusion image restorers from IQA rewards.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
 ProfileOpt = typer.Option(None, "--profile", help="profile in profiles/ merged over the params file")
-USER_ERRORS = (ConfigError, DataError, MetricError, RewardError, FileNotFoundError, StorageError)
+# Bad params, data, URIs or missing artefacts: one message naming the culprit, exit status 2.
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
-def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], errors: tuple = ()) -> None:
+def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> None:
+    """Load and validate the params, check the tracking server, run the stage (which checks
+    the part names it uses before any work)."""
+    from pipeline.config import load_params
     from pipeline.storage import require_tracking_server
     from pipeline.tracking import tracking_uri
 
@@ -35,9 +32,13 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], error
         # Before any work: an unreachable tracking server fails in seconds, naming its URI.
         require_tracking_server(tracking_uri(cfg))
         stage(cfg)
-    except USER_ERRORS + errors as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from None
 
 
 @app.command()
@@ -91,13 +92,15 @@ def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
 @app.command("params")
 def show_params(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout")) -> None:
-    """Print (or write) the validated params with a profile merged in."""
+    """Print (or write) the validated params with a profile merged in (part names checked too)."""
+    from pipeline.config import load_raw
+    from pipeline.part_names import validate
+
     try:
         raw = load_raw(params, profile)
-        validate(raw, str(params))
-    except ConfigError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        validate(raw, str(params) + (f" (profile {profile})" if profile else ""))
+    except USER_ERRORS as err:
+        _fail(err)
     text = yaml.safe_dump(raw, sort_keys=False)
     if output:
         output.write_text(text)
@@ -111,24 +114,22 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     import mlflow
 
     from pipeline import tracking
+    from pipeline.commands import run_streamed, tool, tool_env
+    from pipeline.config import load_raw
+    from pipeline.part_names import validate
     from pipeline.stages.evaluate import format_table
-
     from pipeline.storage import require_tracking_server
 
     try:
-        cfg = load_params(params)
+        # Every stage's params and part names, before the first stage starts.
+        cfg = validate(load_raw(params), str(params))
         require_tracking_server(tracking.tracking_uri(cfg))
-    except (ConfigError, StorageError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    except USER_ERRORS as err:
+        _fail(err)
     experiment_id = tracking.configure(cfg)
     with mlflow.start_run(run_name="pipeline", experiment_id=experiment_id,
                           tags={"restorl.stage": "pipeline", "restorl.git_commit": tracking.git_commit()}) as run:
-        env = os.environ | {tracking.PARENT_RUN_ENV: run.info.run_id}
-        # Stage commands must find the `restorl` next to this interpreter.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        code = subprocess.call([str(Path(sys.executable).parent / "dvc"), "repro", *(["--force"] if force else [])],
-                               env=env)
+        code = run_streamed([tool("dvc"), "repro", *(["--force"] if force else [])], env=tool_env(run.info.run_id))
         if code:
             mlflow.set_tag("restorl.failed", "true")
             raise typer.Exit(code)
@@ -151,13 +152,36 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
 @app.command()
 def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Promote the `challenger` model version to `champion` if it beats it on the test split."""
-    from pipeline import registry
+    from pipeline.stages import promote as stage
 
-    def stage(cfg):
-        typer.echo(registry.format_decision(registry.run(cfg)))
+    def run(cfg):
+        typer.echo(stage.format_decision(stage.run(cfg)))
 
     # A refusal for lack of figures is an error (exit 2); a refused challenger is a decision (exit 0).
-    _run_stage(stage, params, profile, errors=(registry.PromotionError,))
+    _run_stage(run, params, profile)
+
+
+@app.command()
+def ablate(methods: Optional[list[str]] = typer.Option(
+               None, "--methods", help="RL methods to run, repeated or space separated; default all: adaptive "
+               "uniform ppo ddpo coca lrpo rfsr flipped"),
+           seeds: Optional[list[str]] = typer.Option(
+               None, "--seeds", help="rl.seed values, repeated or space separated; default 0 1 2"),
+           epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                                help="rl.epochs of every run (the sample budget)"),
+           out: Optional[Path] = typer.Option(None, "--out", help="also write the tables to this markdown file"),
+           params: Path = ParamsOpt) -> None:
+    """Run each RL method and seed as a DVC experiment (rl -> evaluate) and print the ablation tables."""
+    from pipeline.commands import CommandError
+    from pipeline.experiments import ablation
+
+    try:
+        code = ablation.run_ablation(ablation.chosen_methods(methods or []), ablation.chosen_seeds(seeds or []),
+                                     epochs, params, out)
+    except (*USER_ERRORS, CommandError) as err:
+        _fail(err)
+    if code:
+        raise typer.Exit(code)
 
 
 weights_app = typer.Typer(no_args_is_help=True, help="pyiqa weight cache (for workers without internet).")
@@ -170,13 +194,13 @@ def weights_sync(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
                  dest: Optional[Path] = typer.Option(None, help="cache dir; default storage.weights_dir or pyiqa's")) -> None:
     """Mirror pyiqa weights from an S3 prefix into the local cache (unchanged files skipped)."""
     from pipeline import storage
+    from pipeline.config import load_params
 
     try:
         cfg = load_params(params, profile)
         done = storage.sync_weights(cfg.storage, uri, dest)
     except USER_ERRORS as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     typer.echo(f"weights: {len(done['downloaded'])} downloaded, {len(done['unchanged'])} unchanged "
                f"-> {dest or storage.pyiqa_cache_dir(cfg.storage)}")
 
@@ -189,9 +213,8 @@ def remote(url: str = typer.Argument(..., help="s3://bucket/prefix for DVC data 
 
     try:
         storage.configure_dvc_remote(Path("."), url, endpoint)
-    except StorageError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    except USER_ERRORS as err:
+        _fail(err)
     typer.echo(f"dvc remote 'store' -> {url}" + (f" (endpoint {endpoint} in .dvc/config.local)" if endpoint else ""))
 
 

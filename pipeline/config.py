@@ -1,8 +1,11 @@
 """The one validated schema for params.yaml.
 
-Every knob of every stage lives in params.yaml, grouped by stage. Loading goes through
-`load_params`, so a typo or a wrong type fails before any work starts, with the offending key
-spelled out. Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged on top.
+Every knob of every stage lives in params.yaml, grouped by stage; the defaults below are
+params.yaml's values (a test holds them equal). Loading goes through `load_params`, so a typo
+or a wrong type fails before any work starts, with the offending key spelled out. Names that
+pick a part (a degradation, an RL objective, ...) are checked against the registries that hold
+the parts (pipeline/part_names.py), so this module imports none of them.
+Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged on top.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "profiles"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file (or an override) is invalid; the message names the file and the key."""
 
 
@@ -34,7 +39,7 @@ class Section(BaseModel):
 
 class RuntimeConfig(Section):
     seed: int = 0
-    threads: int = Field(2, ge=1, description="torch CPU threads; set explicitly, see DESIGN.md")
+    threads: int = Field(2, ge=1, description="torch CPU threads; set explicitly: two busy threads beside another process slow elementwise ops many-fold")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -91,16 +96,11 @@ class DegradationConfig(Section):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
-        from pipeline.data.degradations import DEGRADATIONS
-
+    def _ranges_and_weights(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        # Task and parameter names are checked against the degradations themselves
+        # (pipeline/data/degradations.py: check_names) before any stage runs.
         for name, task in tasks.items():
-            if name not in DEGRADATIONS:
-                raise ValueError(f"unknown degradation '{name}'; known: {sorted(DEGRADATIONS)}")
-            known = DEGRADATIONS[name].param_names
             for param, (lo, hi) in task.params.items():
-                if param not in known:
-                    raise ValueError(f"{name}.params.{param} is not a parameter; known: {known}")
                 if lo > hi:
                     raise ValueError(f"{name}.params.{param}: low {lo} > high {hi}")
         if not any(t.weight > 0 for t in tasks.values()):
@@ -110,12 +110,22 @@ class DegradationConfig(Section):
 
 class PrepareConfig(Section):
     source: SourceConfig = SourceConfig(
-        images=["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
+        images=["astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "brick", "grass", "gravel",
+                "moon", "clock", "coins", "coffee", "chelsea", "camera"]
     )
-    split: SplitConfig = SplitConfig()
+    split: SplitConfig = SplitConfig(val=["coffee"], test=["chelsea", "camera"])
     patch_size: int = Field(32, ge=16, description="multiple of 8 (three UNet down-samplings)")
-    patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 64, "val": 16, "test": 16})
-    degradations: DegradationConfig = DegradationConfig(tasks={"gaussian_noise": TaskConfig()})
+    patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 160, "val": 48, "test": 64})
+    degradations: DegradationConfig = DegradationConfig(tasks={
+        "gaussian_noise": TaskConfig(params={"sigma": (0.02, 0.06)}),
+        "low_light": TaskConfig(params={"gain": (0.25, 0.5), "gamma": (1.2, 1.6), "noise": (0.005, 0.015)}),
+        "motion_blur": TaskConfig(params={"length": (3, 6), "angle": (0, 180)}),
+        "defocus_blur": TaskConfig(params={"radius": (1.0, 2.0)}),
+        "downsample": TaskConfig(params={"scale": (2, 3)}),
+        "rain_streaks": TaskConfig(params={"density": (0.01, 0.03), "length": (5, 9), "angle": (60, 120),
+                                           "opacity": (0.3, 0.6)}),
+        "jpeg": TaskConfig(params={"quality": (15, 35)}),
+    })
 
     @field_validator("patch_size")
     @classmethod
@@ -156,21 +166,21 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
-    steps: int = Field(10, ge=1)
+    steps: int = Field(2, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
     # Restore with this many samples (different starting noise) and keep their mean: the
     # conditional mean, which PSNR/SSIM reward; each sample's noise-driven error averages out.
-    samples: int = Field(1, ge=1)
+    samples: int = Field(8, ge=1)
 
 
 class SftConfig(Section):
-    steps: int = Field(1000, ge=1)
+    steps: int = Field(1800, ge=1)
     # mse: plain mean. task_balanced: each sample's loss divided by the mean LQ error |GT - LQ|^2
     # of its task over the training split, so a task with large residuals (low light, ~80x
     # the MSE of slight blur) does not own the gradient. One weight per task, not per sample:
-    # per-sample weights gave near-clean patches huge weights and froze the model (README).
-    loss: Literal["mse", "task_balanced"] = "mse"
-    batch_size: int = Field(32, ge=1)
+    # per-sample weights gave near-clean patches huge weights and froze the model (docs/results.md).
+    loss: Literal["mse", "task_balanced"] = "task_balanced"
+    batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -200,7 +210,7 @@ class EvaluateConfig(Section):
 class RewardConfig(Section):
     """The learned no-reference reward model (a small residual CNN, pipeline/models/reward_model.py)."""
 
-    steps: int = Field(600, ge=1)
+    steps: int = Field(800, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     kernels: int = Field(24, ge=1)   # channels of the first stage; the second has twice as many
@@ -216,13 +226,6 @@ class RewardConfig(Section):
 
 # ---------------------------------------------------------------------------------------------
 # score / rl
-
-
-def _known_part(name: str, registry: dict, what: str) -> str:
-    """An RL part chosen by name must be one its registry holds."""
-    if name not in registry:
-        raise ValueError(f"unknown {what} '{name}'; known: {sorted(registry)}")
-    return name
 
 
 class ScoreConfig(Section):
@@ -254,13 +257,6 @@ class DifficultyConfig(Section):
     lambda_sft: float = Field(1.0, ge=0)
     # Share of each epoch's images drawn in proportion to their difficulty rank (0: uniform draw).
     oversample: float = Field(0.0, ge=0, le=1)
-
-    @field_validator("weighting")
-    @classmethod
-    def _known_weighting(cls, v: str) -> str:
-        from pipeline.rl.difficulty import WEIGHTINGS
-
-        return _known_part(v, WEIGHTINGS, "weighting")
 
     @model_validator(mode="after")
     def _ordered_quantiles(self) -> "DifficultyConfig":
@@ -309,15 +305,6 @@ class ReflConfig(Section):
     wavelet: str = "haar"
     dwt_level: int = Field(1, ge=1, description="LL band of this decomposition level")
 
-    @field_validator("wavelet")
-    @classmethod
-    def _known_wavelet(cls, v: str) -> str:
-        import pywt
-
-        if v not in pywt.wavelist(kind="discrete"):
-            raise ValueError(f"'{v}' is not a discrete wavelet known to PyWavelets (e.g. haar, db2)")
-        return v
-
     @model_validator(mode="after")
     def _ordered_windows(self) -> "ReflConfig":
         if self.early_until > self.late_from:
@@ -341,7 +328,9 @@ class GtLikelihoodConfig(Section):
 
 
 class RlConfig(Section):
-    """Difficulty-adaptive PPO from the learned reward, with a KL anchor to the SFT model.
+    """Difficulty-adaptive RL from the learned reward: reward feedback (`refl`) on hard samples,
+    the SFT loss on easy ones. `objective: ppo` with `kl_beta` ~50 is the policy-gradient variant
+    (profiles/methods/ppo.yaml).
 
     The other seed methods are combinations of the parts below (docs/rl_methods.md,
     profiles/methods/*.yaml): `objective`, `step_credit`, `step_weighting`, `regularizers`.
@@ -360,12 +349,13 @@ class RlConfig(Section):
     # Reward checkpoints: after k of `steps` denoising steps the predicted clean image is scored
     # (k = steps: the final image, which must be listed). Each is normalised within its group.
     # null: the final image only (terminal reward).
-    reward_steps: list[int] = Field(default_factory=lambda: [5, 10])
+    reward_steps: list[int]
     advantage_std: Literal["group", "global"] = "group"
     advantage_clip: float = Field(5.0, gt=0)
-    # What the update minimises per sample: ppo (clipped ratio on recorded steps) or refl
+    # What the update minimises per sample (pipeline/rl/objectives.py, by name): ppo (clipped
+    # ratio on recorded steps) or refl
     # (gradient through a differentiable reward of one step's x0-hat; RFSR).
-    objective: Literal["ppo", "refl"] = "ppo"
+    objective: str = "refl"
     # How checkpoint advantages become per-step advantages (pipeline/rl/credit.py, by name).
     step_credit: str = "next_checkpoint"
     # A per-step scale on those advantages (pipeline/rl/credit.py STEP_WEIGHTING).
@@ -381,40 +371,23 @@ class RlConfig(Section):
     train_step_fraction: float = Field(0.35, gt=0, le=1)
     inner_epochs: int = Field(1, ge=1)
     minibatch: int = Field(16, ge=1)
-    lr: float = Field(3e-5, gt=0)
+    lr: float = Field(1.5e-5, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     ppo_clip: float = Field(1e-3, gt=0)
-    # The KL's pull on a step mean relative to the policy gradient's push is about
+    # KL to the frozen SFT model (0: off; refl is anchored by the SFT term instead). With ppo the
+    # KL's pull on a step mean relative to the policy gradient's push is about
     # beta * sqrt(2 KL) / mean|A| (logged as kl_pull); at lr 3e-5 KL stays ~1e-5 per step, so
     # beta must be ~50 for that to reach ~0.1-0.3. beta 0.05 (a common default) does nothing.
-    kl_beta: float = Field(50.0, ge=0)
+    kl_beta: float = Field(0.0, ge=0)
     difficulty: DifficultyConfig = DifficultyConfig()
     # Validation each epoch on this many val patches (evaluate.sampling): the best epoch by
     # val reward gain over SFT among those whose PSNR fell by at most psnr_guard dB ships.
     val_images: int = Field(24, ge=1)
     psnr_guard: float = Field(0.3, ge=0)
 
-    @field_validator("step_credit")
-    @classmethod
-    def _known_credit(cls, v: str) -> str:
-        from pipeline.rl.credit import STEP_CREDIT
-
-        return _known_part(v, STEP_CREDIT, "step_credit")
-
-    @field_validator("step_weighting")
-    @classmethod
-    def _known_step_weighting(cls, v: str) -> str:
-        from pipeline.rl.credit import STEP_WEIGHTING
-
-        return _known_part(v, STEP_WEIGHTING, "step_weighting")
-
     @field_validator("regularizers")
     @classmethod
-    def _known_regularizers(cls, v: list[str]) -> list[str]:
-        from pipeline.rl.regularizers import REGULARIZERS
-
-        for name in v:
-            _known_part(name, REGULARIZERS, "regularizer")
+    def _no_repeats(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"lists a regularizer twice: {v}")
         return v
@@ -422,8 +395,8 @@ class RlConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _final_reward_only(cls, data: Any) -> Any:
-        """`reward_steps: null` means the final image only: [steps]."""
-        if isinstance(data, dict) and "reward_steps" in data and data["reward_steps"] is None:
+        """`reward_steps: null` (or absent) means the final image only: [steps]."""
+        if isinstance(data, dict) and data.get("reward_steps") is None:
             data = dict(data, reward_steps=[data.get("steps", cls.model_fields["steps"].default)])
         return data
 
@@ -514,6 +487,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted leaf keys (`{"a": {"b": 1}}` -> `{"a.b": 1}`); lists, scalars and
+    empty dicts are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -558,5 +543,7 @@ def load_raw(path: str | Path = "params.yaml", profile: str | None = None) -> di
 
 
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
+    """params.yaml with a profile merged over it, validated by the schema (part names are
+    checked by pipeline/part_names.py)."""
     source = str(path) + (f" (profile {profile})" if profile else "")
     return validate(load_raw(path, profile), source)

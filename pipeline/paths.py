@@ -51,5 +51,5 @@ class Paths:
 
     @property
     def run_info(self) -> Path:
-        # Which MLflow run each stage logged to, for the summary `make run` prints.
-        return self.root / "metrics" / "runs"
+        # Which MLflow run each stage logged to (<stage>.json), for the flow's stage summaries.
+        return self.root / ".restorl" / "runs"

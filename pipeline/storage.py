@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from pipeline.config import StorageConfig
+from pipeline.errors import UserError
 
 # Short timeouts and few retries: an unreachable endpoint should fail in seconds with a clear
 # message, not after botocore's default minutes of back-off.
@@ -30,7 +28,7 @@ CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenie
                      "InvalidToken", "InvalidClientTokenId", "AuthFailure", "Forbidden", "403"}
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """S3 or the tracking server cannot be used; the message names the URI and endpoint."""
 
 
@@ -193,11 +191,12 @@ def configure_dvc_remote(root: Path, url: str, endpoint: str | None = None, name
     committed, machine-specific). Credentials stay in the environment (or are added by the user
     with `dvc remote modify --local`): never written by restorl.
     """
+    from pipeline.commands import dvc
+
     split_s3_uri(url)
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
 
     def call(*args: str) -> None:
-        proc = subprocess.run([dvc, *args], cwd=root, capture_output=True, text=True)
+        proc = dvc(*args, cwd=root, check=False)
         if proc.returncode:
             raise StorageError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 

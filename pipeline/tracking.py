@@ -9,18 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
-from pipeline.config import Params
+from pipeline.commands import PARENT_RUN_ENV, CommandError, git
+from pipeline.config import Params, flatten
 from pipeline.paths import Paths
-
-PARENT_RUN_ENV = "RESTORL_PARENT_RUN_ID"
-RUN_INFO_DIR = ".restorl/runs"
 
 
 def tracking_uri(params: Params, root: Path = Path(".")) -> str:
@@ -46,21 +42,9 @@ def configure(params: Params, root: Path = Path(".")) -> str:
 
 def git_commit(root: Path = Path(".")) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        return git("rev-parse", "HEAD", cwd=root).stdout.strip()
+    except CommandError:  # not a git checkout, or no git
         return "unknown"
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= flatten(value, name + ".")
-        else:
-            out[name] = value
-    return out
 
 
 @contextlib.contextmanager
@@ -74,27 +58,7 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path = Path
         logged = flatten({s: getattr(params, s).model_dump(mode="json") for s in sections})
         mlflow.log_params({k: str(v)[:500] for k, v in logged.items()})
         yield run
-    info = root / RUN_INFO_DIR / f"{stage}.json"
+    info = Paths(root).run_info / f"{stage}.json"
     info.parent.mkdir(parents=True, exist_ok=True)
     info.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
                                 "tracking_uri": mlflow.get_tracking_uri()}))
-
-
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-
-
-def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str]) -> str:
-    """Log the checkpoint as a pyfunc model in the active run and register a new version.
-
-    The newest trained model is the `challenger`; `restorl promote` decides on `champion`.
-    """
-    from pipeline.models.pyfunc import log_restorer
-
-    info = log_restorer(checkpoint, registered_model_name=params.tracking.registered_model)
-    version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(params.tracking.registered_model, version, key, value)
-    client.set_registered_model_alias(params.tracking.registered_model, CHALLENGER, version)
-    return version

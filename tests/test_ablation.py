@@ -1,12 +1,10 @@
-"""bench/ablation.py without running it: method profiles as `dvc exp run -S` values (applied by
-DVC's own override code), the workspace check, reading `dvc exp show --json`, and the tables
-from real evaluate metrics and rl_curves.csv files."""
+"""`restorl ablate` without running experiments: method profiles as `dvc exp run -S` values
+(applied by DVC's own override code), the workspace check, reading `dvc exp show --json`, the
+tables from real evaluate metrics and rl_curves.csv files, and the command's option errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 
 import pytest
 import torch
@@ -14,14 +12,10 @@ import yaml
 
 from pipeline.config import PROFILES_DIR, deep_merge, read_yaml, validate
 from pipeline.data.dataset import PairedSplit
+from pipeline.experiments import ablation
 from pipeline.stages.evaluate import score_outputs
 from pipeline.stages.rl import write_curves
-from tests.conftest import REPO, smoke_raw, write_params
-
-spec = importlib.util.spec_from_file_location("ablation", REPO / "bench" / "ablation.py")
-ablation = importlib.util.module_from_spec(spec)
-sys.modules["ablation"] = ablation  # dataclasses look their module up there
-spec.loader.exec_module(ablation)
+from tests.conftest import BIN, REPO, run_tool, smoke_raw, write_params
 
 
 def _apply_with_dvc(tmp_path, base: dict, sets: list[str]) -> dict:
@@ -107,7 +101,7 @@ def _runs(tmp_path) -> list:
 
 def test_tables(tmp_path):
     runs = _runs(tmp_path)
-    table = ablation.results_table(runs).splitlines()
+    table = ablation.results_table(runs, psnr_guard=0.3).splitlines()
     assert table[0].startswith("| row | seeds | reward ↑ | PIQE ↓ | PSNR ↑ | SSIM ↑ | reward gain | improves? | "
                                "val reward gain")
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
@@ -140,8 +134,34 @@ def test_verdict_needs_a_gain_beyond_the_flipped_run_the_hacks_and_the_spread(tm
     hack = max(overall[k]["reward"] - sft["reward"] for k in overall if k.startswith("sft_"))
     flipped = runs_with([-0.1, -0.2])
     clear = max(hack, 0.0) + 1.0
-    assert ablation.verdict(runs_with([clear, clear + 0.1]), flipped, overall) == "yes"
-    assert ablation.verdict(runs_with([clear, clear], psnr_drop=0.5), flipped, overall) == "no: PSNR -0.50 dB"
+    assert ablation.verdict(runs_with([clear, clear + 0.1]), flipped, overall, 0.3) == "yes"
+    assert ablation.verdict(runs_with([clear, clear], psnr_drop=0.5), flipped, overall, 0.3) == "no: PSNR -0.50 dB"
+    # rl.psnr_guard sets the PSNR bar
+    assert ablation.verdict(runs_with([clear, clear], psnr_drop=0.5), flipped, overall, 0.6) == "yes"
     # the same mean gain with a seed spread that reaches down into the flipped run's range
-    assert "within the flipped run" in ablation.verdict(runs_with([clear - 3, clear + 3]), flipped, overall)
-    assert "within a hack" in ablation.verdict(runs_with([hack - 0.01, hack - 0.01]), runs_with([-5.0]), overall)
+    assert "within the flipped run" in ablation.verdict(runs_with([clear - 3, clear + 3]), flipped, overall, 0.3)
+    assert "within a hack" in ablation.verdict(runs_with([hack - 0.01, hack - 0.01]), runs_with([-5.0]), overall,
+                                               0.3)
+
+
+def test_report_states_the_psnr_guard_it_applied(tmp_path):
+    runs = _runs(tmp_path)
+    text = ablation.report(runs, psnr_guard=0.45)
+    assert "PSNR down by at most 0.45 dB (rl.psnr_guard)" in text
+    assert ablation.results_table(runs, 0.45) in text
+
+
+def test_methods_and_seeds_options():
+    assert ablation.chosen_methods([]) == list(ablation.METHODS)
+    assert ablation.chosen_methods(["ddpo coca", "flipped", "ddpo"]) == ["ddpo", "coca", "flipped"]
+    assert ablation.chosen_seeds([]) == [0, 1, 2]
+    assert ablation.chosen_seeds(["3 1", "4"]) == [3, 1, 4]
+    with pytest.raises(ablation.AblationError, match="--seeds: 'x' is not a seed"):
+        ablation.chosen_seeds(["1 x"])
+
+
+def test_ablate_command_names_an_unknown_method(tmp_path):
+    proc = run_tool([str(BIN / "restorl"), "ablate", "--methods", "ddpo", "--methods", "nosuch"], tmp_path,
+                    check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --methods: unknown method 'nosuch'; the methods are adaptive" in proc.stderr

@@ -108,7 +108,8 @@ def test_cli_command_detection():
 def test_markdown_artifact_holds_metrics_and_mlflow_link(tmp_path):
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/evaluate.json").write_text(json.dumps({"n_test": 7, "overall": {"sft": {"psnr": 27.0244}}}))
+    (tmp_path / "metrics/evaluate.json").write_text(json.dumps(
+        {"n_test": 7, "overall": {"sft": {"psnr": 27.0244}}, "cuda": True, "tasks": ["noise"], "note": "x"}))
     (tmp_path / ".restorl/runs").mkdir(parents=True)
     (tmp_path / ".restorl/runs/evaluate.json").write_text(json.dumps(
         {"run_id": "abc123", "experiment_id": "4", "tracking_uri": "http://mlflow.internal:5000"}))
@@ -116,6 +117,7 @@ def test_markdown_artifact_holds_metrics_and_mlflow_link(tmp_path):
     assert "[abc123](http://mlflow.internal:5000/#/experiments/4/runs/abc123)" in text
     assert "| evaluate.json:overall.sft.psnr | 27.02 |" in text and "| evaluate.json:n_test | 7 |" in text
     assert "ran in 1.5 s" in text
+    assert "cuda" not in text and "tasks" not in text and "note" not in text  # numbers only
     assert artifact_key("Score_2") == "restorl-score-2"
 
 

@@ -261,9 +261,10 @@ def test_transient_failure_is_retried(built, prefect_api, api, tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=server_env(home, url),
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        # Unlock once the stage waits for its retry; at the latest after 20 s, which is
-        # still well before the retries (3 + 6 + 12 s apart) run out.
-        deadline = time.monotonic() + 20
+        # Unlock once the stage waits for its retry (polled every 0.5 s; each wait lasts 3, 6
+        # then 12 s, so it is seen before the retries run out). The deadline only bounds a flow
+        # that never gets there: a slow start on a busy machine must not unlock too early.
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
             run = _flow_run_named(name)
             task_run = run and _task_runs(run.id).get(first)

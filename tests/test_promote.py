@@ -14,11 +14,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import iqa, registry, tracking
+from pipeline import tracking
 from pipeline.data.dataset import load_split
+from pipeline.model_registry import register_restorer
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
-from tests.conftest import BIN, run_tool, smoke_params, write_params, smoke_raw
+from pipeline.rewards import iqa
+from pipeline.stages import promote as promote_stage
+from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, write_params
 
 NAME = "restorer"
 
@@ -49,11 +52,11 @@ def register(root, kind: str) -> str:
     ckpt = root / "checkpoints" / kind
     model.save_pretrained(ckpt)
     with tracking.stage_run("sft", params, ["sft"], root) as run:
-        return tracking.register_restorer(params, ckpt, {"restorl.stage": "sft", "restorl.run_id": run.info.run_id})
+        return register_restorer(params, ckpt, {"restorl.stage": "sft", "restorl.run_id": run.info.run_id})
 
 
-def promote(root, **promote_cfg) -> registry.Decision:
-    return registry.run(smoke_params(promote=promote_cfg), root)
+def promote(root, **promote_cfg) -> promote_stage.Decision:
+    return promote_stage.run(smoke_params(promote=promote_cfg), root)
 
 
 def aliases(client) -> dict:
@@ -155,7 +158,7 @@ def test_missing_metrics_refuse_without_changing_anything(store):
     champion = register(store, "identity")
     promote(store)
     challenger = register(store, "identity")
-    with pytest.raises(registry.PromotionError, match="figures missing.*no_such_metric"):
+    with pytest.raises(promote_stage.PromotionError, match="figures missing.*no_such_metric"):
         promote(store, reward="no_such_metric")
     client = MlflowClient()
     assert aliases(client)["champion"] == champion
@@ -163,7 +166,7 @@ def test_missing_metrics_refuse_without_changing_anything(store):
 
 
 def test_no_challenger_is_a_clear_refusal(store):
-    with pytest.raises(registry.PromotionError, match="no 'challenger' version"):
+    with pytest.raises(promote_stage.PromotionError, match="no 'challenger' version"):
         promote(store)
 
 

@@ -137,8 +137,7 @@ def test_task_conditioning_can_be_switched_off():
 
 
 def test_task_balanced_weights_equalise_tasks():
-    from pipeline.data.dataset import PairedSplit
-    from pipeline.stages.sft import sample_weights
+    from pipeline.data.dataset import PairedSplit, sample_weights
 
     gt = torch.zeros(4, 3, 8, 8)
     lq = gt.clone()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.iqa import MetricError
 from pipeline.models.reward_model import RewardModel
 from pipeline.rewards.hacks import HACKS
+from pipeline.rewards.iqa import MetricError
 from pipeline.rewards.scorers import Reward, RewardError, Scorer, Term, build_reward
 
 

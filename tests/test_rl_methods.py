@@ -11,16 +11,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import PROFILES_DIR, ConfigError, deep_merge, load_raw, read_yaml, validate
+from pipeline.config import PROFILES_DIR, ConfigError, deep_merge, load_raw, read_yaml
 from pipeline.data.dataset import load_split
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.models.reward_model import RewardModel
+from pipeline.part_names import validate
 from pipeline.paths import Paths
-from pipeline.rl.credit import STEP_CREDIT, STEP_WEIGHTING, coca_step_weights
-from pipeline.rl.difficulty import WEIGHTINGS, DifficultyTracker, mixed_loss
-from pipeline.rl.objectives import OBJECTIVES, refl_windows
-from pipeline.rl.regularizers import (REGULARIZERS, TrainedStep, gt_guided_mean, likelihood_penalty, wavelet_ll,
-                                      wavelet_ll_l1)
+from pipeline.rl.credit import STEP_WEIGHTING, coca_advantages, coca_step_weights, noise_level_scaled
+from pipeline.rl.difficulty import DifficultyTracker, mixed_loss
+from pipeline.rl.objectives import OBJECTIVES, UpdateBatch, refl_windows
+from pipeline.rl.parts import pick
+from pipeline.rl.regularizers import (
+    REGULARIZERS,
+    TrainedStep,
+    gt_guided_mean,
+    likelihood_penalty,
+    wavelet_ll,
+    wavelet_ll_l1,
+)
 from pipeline.rl.rollout import collect
 from tests.conftest import smoke_params, smoke_raw
 
@@ -88,12 +96,12 @@ def test_coca_gives_uniform_credit_when_x0_hat_never_changes():
 
     stds = [0.5, 0.4, 0.3, 0.2, 0.0]
     adv = torch.tensor([[0.3, -2.0], [1.5, -0.7]])  # (K, N): only the final checkpoint counts
-    per_step = STEP_CREDIT["coca"](adv, [2, 5], _trajectory(x0, final, lq, stds), window=2, clip=5.0)
+    per_step = coca_advantages(adv, _trajectory(x0, final, lq, stds), window=2, clip=5.0)
     torch.testing.assert_close(per_step[:4], adv[-1:].expand(4, -1))
     # x0-hat fixed until the deterministic last step: all weight there, and again equal advantages.
     x0_late = torch.rand(5, 2, 3, 8, 8)
     x0_late[:] = x0_late[0]
-    per_step = STEP_CREDIT["coca"](adv, [5], _trajectory(x0_late, final, lq, stds), window=1, clip=5.0)
+    per_step = coca_advantages(adv, _trajectory(x0_late, final, lq, stds), window=1, clip=5.0)
     torch.testing.assert_close(per_step[:4], adv[-1:].expand(4, -1))
 
 
@@ -104,11 +112,11 @@ def test_coca_advantages_are_reward_to_go_renormalised_and_clipped():
     stds = [0.5, 0.3, 0.2, 0.0]
     r = _trajectory(x0, final, lq, stds)
     adv = torch.tensor([[2.0]])
-    per_step = STEP_CREDIT["coca"](adv, [4], r, window=1, clip=10.0)
+    per_step = coca_advantages(adv, r, window=1, clip=10.0)
     # Reward-to-go never rises along the trajectory, and the stochastic steps' mean scale is 1.
     assert (per_step[1:] <= per_step[:-1] + 1e-6).all()
     torch.testing.assert_close(per_step[:3].mean(), torch.tensor(2.0))
-    clipped = STEP_CREDIT["coca"](adv, [4], r, window=1, clip=2.1)
+    clipped = coca_advantages(adv, r, window=1, clip=2.1)
     assert clipped.max() == pytest.approx(2.1)
 
 
@@ -120,12 +128,13 @@ def test_ddpo_profile_is_terminal_reward_uniform_credit_and_pure_rl():
     cfg = validate(method_raw("ddpo"), "ddpo").rl
     assert cfg.reward_steps == [cfg.steps] and cfg.objective == "ppo" and cfg.kl_beta == 0
     assert cfg.step_credit == "terminal" and cfg.step_weighting == "uniform" and not cfg.regularizers
-    from pipeline.stages.rl import per_step_advantages
-
+    parts = pick(cfg)
+    assert parts.needs_advantages and not parts.needs_reference and not parts.uses_sft
     adv_k = torch.randn(1, 6)
-    per_step = per_step_advantages(adv_k, SimpleNamespace(timesteps=list(range(cfg.steps))), cfg)
+    r = SimpleNamespace(timesteps=list(range(cfg.steps)))
+    per_step = parts.step_weighting(parts.step_credit(adv_k, r, cfg), r, cfg)
     assert torch.equal(per_step, adv_k.expand(cfg.steps, -1))
-    w = WEIGHTINGS[cfg.difficulty.weighting](DifficultyTracker(torch.rand(10)), torch.rand(3), 0.3, 0.7)
+    w = parts.weighting.weights(DifficultyTracker(torch.rand(10)), torch.rand(3), 0.3, 0.7)
     assert torch.equal(mixed_loss(w, torch.tensor([1.0, 2.0, 3.0]), torch.full((3,), 9.0), 1.0),
                        torch.tensor([1.0, 2.0, 3.0])), "no SFT term"
 
@@ -134,11 +143,13 @@ def test_noise_level_weights_scale_each_step_by_its_sigma_clipped():
     stds = [0.5, 0.3, 0.1, 0.0]  # mean over the stochastic ones: 0.3
     r = SimpleNamespace(stds=stds, mask=torch.tensor([1.0, 1.0, 1.0, 0.0]))
     adv = torch.ones(4, 2)
-    scaled = STEP_WEIGHTING["noise_level"](adv, r, min_scale=0.5, max_scale=1.5)
+    scaled = noise_level_scaled(adv, r, min_scale=0.5, max_scale=1.5)
     torch.testing.assert_close(scaled[:, 0], torch.tensor([1.5, 1.0, 0.5, 0.5]))
-    loose = STEP_WEIGHTING["noise_level"](-adv, r, min_scale=0.0, max_scale=10.0)
+    loose = noise_level_scaled(-adv, r, min_scale=0.0, max_scale=10.0)
     torch.testing.assert_close(loose[:, 1], -torch.tensor([5 / 3, 1.0, 1 / 3, 0.0]))
-    assert STEP_WEIGHTING["uniform"](adv, r) is adv
+    cfg = smoke_params(rl={"noise_level": {"min_scale": 0.5, "max_scale": 1.5}}).rl
+    torch.testing.assert_close(STEP_WEIGHTING["noise_level"](adv, r, cfg), scaled)
+    assert STEP_WEIGHTING["uniform"](adv, r, cfg) is adv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +245,6 @@ def test_refl_windows_match_rfsr_split():
 
 def test_refl_objective_trains_through_the_reward_and_the_dwt_loss():
     model, r = _rollouts()
-    reference = model.reference()
 
     def brightness(images, gt=None):  # a differentiable stand-in reward, always positive here
         return 10 + images.mean(dim=(1, 2, 3))
@@ -243,34 +253,36 @@ def test_refl_objective_trains_through_the_reward_and_the_dwt_loss():
         return smoke_params(rl={"steps": 4, "reward_steps": [4], "objective": "refl",
                                 "refl": {"reward_weight": 1.0, "dwt_weight": 1.0} | refl}).rl
 
-    idx, no_advantages = torch.arange(4), torch.zeros(4, 4)
+    idx = torch.arange(4)
+    refl = OBJECTIVES["refl"]
+    assert refl.needs_differentiable_reward and not refl.needs_advantages
+
+    def batch(cfg, seed, reward):
+        return UpdateBatch(r, idx, cfg, torch.Generator().manual_seed(seed), reward=reward)
+
     # Only the last step is in a window: the loss is minus the reward of its x0-hat.
     model.timesteps(4)
     with torch.no_grad():
         last_x0 = model.step(r.latents[3], r.timesteps[3], r.lq, 1.0, r.tasks).x0
     for grad_steps in (1, 3):  # the chained steps stay on the recorded trajectory
         trained = copy.deepcopy(model)
-        terms = OBJECTIVES["refl"](trained, reference, r, idx, no_advantages,
-                                   settings(early_until=0.0, late_from=0.9, grad_steps=grad_steps),
-                                   torch.Generator().manual_seed(0), brightness)
+        terms = refl.loss(trained, batch(settings(early_until=0.0, late_from=0.9, grad_steps=grad_steps), 0,
+                                         brightness))
         torch.testing.assert_close(terms.rl, -brightness(last_x0))
         terms.rl.mean().backward()
         assert trained.unet.conv_out.weight.grad.abs().sum() > 0
     # Steps 0-2 early (wavelet LL loss >= 0), step 3 late (minus the reward, < 0): both get drawn.
     signs = set()
     for seed in range(12):
-        terms = OBJECTIVES["refl"](copy.deepcopy(model), reference, r, idx, no_advantages,
-                                   settings(early_until=0.75, late_from=0.75), torch.Generator().manual_seed(seed),
-                                   brightness)
+        terms = refl.loss(copy.deepcopy(model), batch(settings(early_until=0.75, late_from=0.75), seed, brightness))
         signs.add(bool((terms.rl >= 0).all()) - bool((terms.rl < 0).all()))
     assert signs == {1, -1}
     with pytest.raises(ValueError, match="differentiable reward"):
-        OBJECTIVES["refl"](model, reference, r, idx, no_advantages, settings(), torch.Generator(), None)
+        refl.loss(model, batch(settings(), 0, None))
 
 
 def test_composite_reward_with_a_full_reference_term_per_image_and_differentiable(tmp_path):
-    from pipeline.rewards.scorers import build_reward
-    from pipeline.stages.rl import differentiable_reward
+    from pipeline.rewards.scorers import build_reward, load_reward
 
     RewardModel(kernels=8, hidden=16).save(tmp_path / "checkpoints/reward")
     params = smoke_params(rl={"reward": {"learned": 1.0, "psnr": 0.1}})
@@ -279,7 +291,7 @@ def test_composite_reward_with_a_full_reference_term_per_image_and_differentiabl
     gt = torch.rand(3, 3, 32, 32) * 2 - 1
     images = (gt + 0.05 * torch.randn_like(gt)).clamp(-1, 1)
     assert plain(images, gt).shape == (3,)
-    feedback = differentiable_reward(params, paths, torch.device("cpu"))
+    feedback = load_reward(params, paths, torch.device("cpu"), differentiable=True)
     x = images.clone().requires_grad_(True)
     values = feedback(x, gt)
     assert values.shape == (3,)
@@ -293,15 +305,15 @@ def test_composite_reward_with_a_full_reference_term_per_image_and_differentiabl
 
 
 @pytest.mark.parametrize("rl, message", [
-    ({"objective": "dpo"}, r"rl\.objective: Input should be 'ppo' or 'refl'"),
-    ({"step_weighting": "sigma"}, r"rl\.step_weighting: unknown step_weighting 'sigma'"),
+    ({"objective": "dpo"}, r"rl\.objective: unknown 'dpo'; known: \['ppo', 'refl'\]"),
+    ({"step_weighting": "sigma"}, r"rl\.step_weighting: unknown 'sigma'"),
     ({"regularizers": ["lpips"]}, r"rl\.regularizers: unknown regularizer 'lpips'"),
     ({"regularizers": ["gram", "gram"]}, r"rl\.regularizers: lists a regularizer twice"),
     ({"refl": {"early_until": 0.9, "late_from": 0.5}}, r"rl\.refl: .*early_until \(0.9\) must not exceed"),
     ({"refl": {"wavelet": "wobble"}}, r"rl\.refl\.wavelet: 'wobble' is not a discrete wavelet"),
     ({"coca": {"windw": 2}}, r"rl\.coca\.windw: unknown key"),
     ({"noise_level": {"min_scale": 3.0}}, r"rl\.noise_level: .*min_scale \(3.0\) must not exceed"),
-    ({"difficulty": {"weighting": "off"}}, r"rl\.difficulty\.weighting: unknown weighting 'off'"),
+    ({"difficulty": {"weighting": "off"}}, r"rl\.difficulty\.weighting: unknown 'off'"),
 ])
 def test_method_config_errors_name_the_key(rl, message):
     with pytest.raises(ConfigError, match=message):

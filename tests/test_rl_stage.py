@@ -9,15 +9,19 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError
 from pipeline.data.dataset import load_split
 from pipeline.data.sources import DataError
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.models.reward_model import RewardModel
+from pipeline.part_names import validate
 from pipeline.paths import Paths
+from pipeline.rl import loop
 from pipeline.rl.advantages import group_advantages
 from pipeline.rl.credit import STEP_CREDIT
 from pipeline.rl.difficulty import WEIGHTINGS, DifficultyTracker, draw_images, mixed_loss
+from pipeline.rl.difficulty_table import read_table
+from pipeline.rl.parts import pick
 from pipeline.rl.rollout import collect
 from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw, write_params
 
@@ -28,6 +32,10 @@ from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw,
 class _Steps:
     def __init__(self, n):
         self.timesteps = list(range(n))
+
+
+class _Checkpoints:
+    reward_steps = [2, 4]
 
 
 def test_multi_step_rewards_are_normalised_per_checkpoint_and_credited_to_earlier_steps():
@@ -42,18 +50,16 @@ def test_multi_step_rewards_are_normalised_per_checkpoint_and_credited_to_earlie
     torch.testing.assert_close(adv_k[1, :3], torch.tensor([-1.2247, 1.2247, 0.0]), atol=1e-4, rtol=0)
     assert torch.equal(adv_k[0, 3:], torch.zeros(3)), "a group without spread at a checkpoint gets no signal"
 
-    per_step = STEP_CREDIT["next_checkpoint"](adv_k, [2, 4], _Steps(4))
+    per_step = STEP_CREDIT["next_checkpoint"](adv_k, _Steps(4), _Checkpoints())
     assert per_step.shape == (4, 6)
     # Steps 0 and 1 first show in the image predicted after 2 steps; steps 2 and 3 in the final one.
     for step, k in ((0, 0), (1, 0), (2, 1), (3, 1)):
         assert torch.equal(per_step[step], adv_k[k])
-    terminal = STEP_CREDIT["terminal"](adv_k, [2, 4], _Steps(4))
+    terminal = STEP_CREDIT["terminal"](adv_k, _Steps(4), _Checkpoints())
     assert all(torch.equal(terminal[s], adv_k[1]) for s in range(4))
 
 
 def test_checkpoint_rewards_score_the_predicted_image_at_each_checkpoint():
-    from pipeline.stages.rl import checkpoint_rewards
-
     torch.manual_seed(0)
     model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
@@ -62,7 +68,7 @@ def test_checkpoint_rewards_score_the_predicted_image_at_each_checkpoint():
     def mean_pixel(images, gt=None):  # a stand-in reward
         return images.mean(dim=(1, 2, 3))
 
-    rewards = checkpoint_rewards(mean_pixel, r, [1, 3, 4])
+    rewards = loop.checkpoint_rewards(mean_pixel, r, [1, 3, 4])
     assert rewards.shape == (3, 4)
     torch.testing.assert_close(rewards[0], r.x0[1].clamp(-1, 1).mean(dim=(1, 2, 3)))
     torch.testing.assert_close(rewards[1], r.x0[3].clamp(-1, 1).mean(dim=(1, 2, 3)))
@@ -72,16 +78,16 @@ def test_checkpoint_rewards_score_the_predicted_image_at_each_checkpoint():
 def test_difficulty_weighting_moves_hard_samples_to_rl_and_easy_ones_to_sft():
     tracker = DifficultyTracker(torch.linspace(0, 1, 101))
     difficulties = torch.tensor([0.05, 0.5, 0.95])  # easy, middling, hard
-    w = WEIGHTINGS["adaptive"](tracker, difficulties, 0.3, 0.7)
+    w = WEIGHTINGS["adaptive"].weights(tracker, difficulties, 0.3, 0.7)
     torch.testing.assert_close(w, torch.tensor([0.0, 0.5, 1.0]), atol=0.02, rtol=0)
     rl, sft = torch.tensor([10.0, 10.0, 10.0]), torch.tensor([1.0, 1.0, 1.0])
     loss = mixed_loss(w, rl, sft, lambda_sft=2.0)
     # easy: only lambda_sft * L_SFT; hard: only L_RL; in between: half of each.
     torch.testing.assert_close(loss, torch.tensor([2.0, 6.0, 10.0]), atol=0.25, rtol=0)
     # The ablation: the same mean weight for everyone, blind to difficulty.
-    u = WEIGHTINGS["uniform"](tracker, difficulties, 0.3, 0.7)
+    u = WEIGHTINGS["uniform"].weights(tracker, difficulties, 0.3, 0.7)
     assert torch.equal(u, torch.full((3,), 0.5))
-    u = WEIGHTINGS["uniform"](tracker, difficulties, 0.2, 0.4)
+    u = WEIGHTINGS["uniform"].weights(tracker, difficulties, 0.2, 0.4)
     torch.testing.assert_close(u, torch.full((3,), 0.7))
 
 
@@ -109,12 +115,18 @@ def _rollouts():
     return model, r
 
 
+def _update(model, r, advantages, w, cfg):
+    """The update phase on the rollouts `r` with these advantages and one RL weight `w` for all."""
+    samples = loop.EpochSamples(torch.arange(2), r, torch.zeros(1, 4), advantages, torch.full((4,), w),
+                                torch.full((2,), w))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loop.train_on_rollouts(model, optimizer, samples, pick(cfg), cfg, torch.Generator().manual_seed(2))
+
+
 @pytest.mark.parametrize("w, changed_term", [(0.0, "rl"), (1.0, "sft")])
 def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
     """w = 0: the PPO term cannot matter (only SFT + KL train); w = 1: the SFT term cannot."""
     import copy
-
-    from pipeline.stages.rl import train_on_rollouts
 
     base, r = _rollouts()
     cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
@@ -127,9 +139,7 @@ def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
         variant_cfg = cfg
         if variant == "changed" and changed_term == "sft":
             variant_cfg = cfg.model_copy(update={"difficulty": cfg.difficulty.model_copy(update={"lambda_sft": 50.0})})
-        optimizer = torch.optim.Adam(model.parameters(), lr=variant_cfg.lr)
-        train_on_rollouts(model, model.reference(), optimizer, r, adv, torch.full((4,), w), variant_cfg,
-                          torch.Generator().manual_seed(2))
+        _update(model, r, adv, w, variant_cfg)
         runs[variant] = model.unet.state_dict()
     for name, value in runs["plain"].items():
         torch.testing.assert_close(value, runs["changed"][name], msg=name)
@@ -140,8 +150,6 @@ def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
     """The control for the test above: at w = 0.5 flipping the advantages changes the update."""
     import copy
 
-    from pipeline.stages.rl import train_on_rollouts
-
     base, r = _rollouts()
     cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "kl_beta": 0.0, "minibatch": 4,
                            "train_step_fraction": 1.0, "lr": 1e-3}).rl
@@ -149,9 +157,7 @@ def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
     weights = []
     for sign in (1, -1):
         model = copy.deepcopy(base).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        train_on_rollouts(model, model.reference(), optimizer, r, sign * advantages, torch.full((4,), 0.5), cfg,
-                          torch.Generator().manual_seed(2))
+        _update(model, r, sign * advantages, 0.5, cfg)
         weights.append(model.unet.state_dict()["conv_out.weight"])
     assert not torch.allclose(weights[0], weights[1])
 
@@ -159,9 +165,9 @@ def test_with_both_terms_in_the_mix_the_advantage_sign_matters():
 def test_rl_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"rl: .*reward_steps \[3, 5\] must .* ending with steps=10"):
         validate(smoke_raw() | {"rl": {"reward_steps": [3, 5]}}, "x")
-    with pytest.raises(ConfigError, match=r"rl\.step_credit: unknown step_credit 'gae'"):
+    with pytest.raises(ConfigError, match=r"rl\.step_credit: unknown 'gae'"):
         validate(smoke_raw() | {"rl": {"step_credit": "gae"}}, "x")
-    with pytest.raises(ConfigError, match=r"rl\.difficulty\.weighting: unknown weighting"):
+    with pytest.raises(ConfigError, match=r"rl\.difficulty\.weighting: unknown 'hardest'"):
         validate(smoke_raw() | {"rl": {"difficulty": {"weighting": "hardest"}}}, "x")
     with pytest.raises(ConfigError, match=r"rl\.difficulty: .*q_lo \(0.8\) must be below q_hi"):
         validate(smoke_raw() | {"rl": {"difficulty": {"q_lo": 0.8, "q_hi": 0.2}}}, "x")
@@ -206,14 +212,14 @@ def test_score_table_holds_rewards_fidelity_and_difficulty(models_ready):
         assert 0 < float(row["psnr"]) < 100
     assert len({r["index"] for r in rows}) == len(rows), "each sample scored once"
     assert (paths.plots / "difficulty_hist.png").read_bytes()[:4] == b"\x89PNG"
-    index, difficulty = score.read_table(paths.difficulty_table, train)
+    index, difficulty = read_table(paths.difficulty_table, train)
     assert len(index) == len(rows) and torch.isfinite(difficulty).all()
 
     # A table for other data is refused, naming the file and the sample.
     text = paths.difficulty_table.read_text().replace(rows[0]["id"], "someone_else", 1)
     paths.difficulty_table.write_text(text)
     with pytest.raises(DataError, match=r"difficulty\.csv, line 2: sample 'someone_else' is not training patch"):
-        score.read_table(paths.difficulty_table, train)
+        read_table(paths.difficulty_table, train)
 
 
 def test_rl_stage_trains_registers_and_refuses_a_too_small_pool(models_ready):
@@ -227,7 +233,9 @@ def test_rl_stage_trains_registers_and_refuses_a_too_small_pool(models_ready):
     client = MlflowClient()
     assert client.get_model_version_by_alias("restorer", "challenger").tags["restorl.stage"] == "rl"
     history = (paths.plots / "rl_curves.csv").read_text().splitlines()
-    assert len(history) == 1 + 2 and "reward.step2.mean" in history[0] and "kl_pull" in history[0]
+    assert len(history) == 1 + 2 and "reward.step2.mean" in history[0] and "loss_rl" in history[0]
+    # kl_pull compares the KL with the advantages: logged only for objectives that take advantages.
+    assert ("kl_pull" in history[0]) == pick(smoke_params().rl).needs_advantages
 
     with pytest.raises(DataError, match=r"rl\.images_per_epoch=40 exceeds the 16 scored samples"):
         rl.run(smoke_params(rl={"images_per_epoch": 40}), models_ready)

@@ -56,3 +56,14 @@ def random_dihedral(gt: torch.Tensor, lq: torch.Tensor, generator: torch.Generat
     if flip:
         gt, lq = gt.flip(3), lq.flip(3)
     return gt, lq
+
+
+def sample_weights(kind: str, data: PairedSplit) -> torch.Tensor:
+    """Loss weight of each training sample: 1, or 1 / its task's mean LQ error (mean weight 1)."""
+    if kind == "mse":
+        return torch.ones(len(data))
+    lq_error = ((data.gt - data.lq) ** 2).mean(dim=(1, 2, 3))
+    tasks = data.tasks
+    task_error = {t: lq_error[[i for i, x in enumerate(tasks) if x == t]].mean() for t in set(tasks)}
+    weights = torch.stack([1.0 / (task_error[t] + 1e-6) for t in tasks])
+    return weights / weights.mean()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 from skimage.transform import resize
+
+if TYPE_CHECKING:
+    from pipeline.config import DegradationConfig
 
 Image_ = np.ndarray
 Params = dict[str, float]
@@ -135,3 +138,27 @@ def degrade(img: Image_, chain: list[tuple[str, Params]], rng: np.random.Generat
     for name, params in chain:
         out = np.clip(DEGRADATIONS[name].apply(out, params, rng), 0.0, 1.0)
     return to_uint8(out)
+
+
+def problems(cfg: "DegradationConfig") -> list[str]:
+    """`key: message` for each task or parameter name in `prepare.degradations` that no
+    degradation above has."""
+    found = []
+    for name, task in cfg.tasks.items():
+        key = f"prepare.degradations.tasks.{name}"
+        if name not in DEGRADATIONS:
+            found.append(f"{key}: unknown degradation '{name}'; known: {sorted(DEGRADATIONS)}")
+            continue
+        known = DEGRADATIONS[name].param_names
+        found += [f"{key}.params.{param}: not a parameter of {name}; known: {known}"
+                  for param in task.params if param not in known]
+    return found
+
+
+def check(cfg: "DegradationConfig") -> None:
+    """A `ConfigError` naming each key of `prepare.degradations` that names no degradation or parameter."""
+    from pipeline.config import ConfigError
+
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid params: " + "; ".join(found))

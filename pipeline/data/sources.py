@@ -12,10 +12,12 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file or folder."""
 
 

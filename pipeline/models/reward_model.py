@@ -3,7 +3,7 @@
 pyiqa's CNNIQA (Kang et al., "Convolutional Neural Networks for No-Reference Image Quality
 Assessment", 2014) builds without weights, but on our 32 px patches it barely learned in the
 CPU budget (Bradley-Terry loss stuck near log 2, noisy LQ ranked above GT). What made the
-difference (numbers in pipeline/stages/reward.py):
+difference (measurements in docs/results.md):
 
 - a fixed high-pass channel next to the image (the image minus its 5x5 binomial blur), the
   local mean-subtracted front end of BRISQUE (Mittal et al., "No-Reference Image Quality
@@ -17,10 +17,8 @@ Inputs are rounded to 8 bits with a straight-through gradient: a change below on
 
 The score of an image is the mean over its 8 dihedral views (rotations and flips), the usual
 test-time augmentation: image quality does not depend on orientation, and the mean is less
-sensitive to the one view the net happens to misjudge. Measured on the held-out val split in a
-scratch run of the reward stage's training (800 steps, one seed): GT>LQ 0.938 -> 0.958, GT>SFT
-0.917 -> 0.938 with the mean. Training
-scores one random view per batch (`score_view`), as the batch itself is transformed at random.
+sensitive to the one view the net happens to misjudge (docs/results.md). Training scores one
+random view per batch (`score_view`), as the batch itself is transformed at random.
 The score is differentiable end to end; there is no dropout or batch norm, so train and eval
 modes score alike.
 """

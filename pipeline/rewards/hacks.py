@@ -1,5 +1,5 @@
 """Reward-hacking controls: cheap edits of a restored image that a good IQA reward must not
-prefer to the image itself (DESIGN.md "Rewards"). Used as hard negatives when the reward model
+prefer to the image itself. Used as hard negatives when the reward model
 trains, and as control rows next to RL in every evaluation: an RL gain smaller than a
 dither's is no gain. All take and return (N, 3, H, W) tensors in [-1, 1].
 """

@@ -8,16 +8,21 @@ reward is the weighted sum of its terms' oriented scores. NaN or inf is an error
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.iqa import MetricError
+from pipeline.errors import UserError
+from pipeline.rewards import iqa
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
+    from pipeline.paths import Paths
 
 
-class RewardError(ValueError):
+class RewardError(UserError, ValueError):
     pass
 
 
@@ -40,18 +45,13 @@ class Scorer:
 
 
 class PyiqaScorer(Scorer):
-    def __init__(self, name: str, device: torch.device, weights_dir: Path | None = None, as_loss: bool = False):
-        import pyiqa
+    """A pyiqa metric; `as_loss`: with gradient and one value per image (reward feedback)."""
 
-        if weights_dir is not None:
-            # pyiqa looks for weights under $TORCH_HOME/hub/pyiqa; filled from S3, never downloaded.
-            os.environ.setdefault("TORCH_HOME", str(weights_dir))
-        try:
-            self.metric = pyiqa.create_metric(name, device=device, as_loss=as_loss)
-        except Exception as err:
-            where = weights_dir or os.environ.get("TORCH_HOME", "~/.cache/torch")
-            raise MetricError(f"pyiqa metric '{name}' could not be created offline (weights looked for "
-                              f"under {where}): {err}") from None
+    def __init__(self, name: str, device: torch.device, weights_dir: Path | None = None, as_loss: bool = False):
+        self.metric = iqa.create_metric(name, device, as_loss=as_loss, weights_dir=weights_dir)
+        if as_loss:
+            # As a loss pyiqa averages over the batch by default; the update needs per-image values.
+            self.metric.loss_reduction = "none"
         self.name = name
         self.needs_reference = self.metric.metric_mode == "FR"
         self.differentiable = as_loss
@@ -102,8 +102,12 @@ class Reward:
 
 
 def build_reward(weights: dict[str, float], device: torch.device, learned_path: Path | None = None,
-                 weights_dir: Path | None = None) -> Reward:
-    """`weights`: scorer name -> weight; `learned` is the reward stage's model at `learned_path`."""
+                 weights_dir: Path | None = None, differentiable: bool = False, probe_size: int = 32) -> Reward:
+    """`weights`: scorer name -> weight; `learned` is the reward stage's model at `learned_path`.
+
+    `differentiable`: pyiqa terms are built as losses (with gradient), and every term is probed
+    on a `probe_size` batch: one that gives no per-image gradient is an error naming it.
+    """
     terms = []
     for name, weight in weights.items():
         if name == "learned":
@@ -112,6 +116,21 @@ def build_reward(weights: dict[str, float], device: torch.device, learned_path: 
                                   "run the reward stage first")
             scorer: Scorer = LearnedScorer(Path(learned_path), device)
         else:
-            scorer = PyiqaScorer(name, device, weights_dir)
+            scorer = PyiqaScorer(name, device, weights_dir, as_loss=differentiable)
         terms.append(Term(name, weight, scorer))
+    if differentiable:
+        probe = torch.zeros(2, 3, probe_size, probe_size, device=device, requires_grad=True)
+        for term in terms:
+            scores = term.scorer(probe, probe.detach() + 0.1)
+            if not scores.requires_grad or scores.shape != (2,):
+                raise RewardError(f"rl.reward term '{term.name}' gives no per-image gradient; "
+                                  "rl.objective: refl needs a differentiable reward")
     return Reward(terms)
+
+
+def load_reward(params: "Params", paths: "Paths", device: torch.device, differentiable: bool = False) -> Reward:
+    """The RL reward (`rl.reward`) of a workspace: `learned` is the reward stage's model in
+    checkpoints/reward, pyiqa weights come from `storage.weights_dir`."""
+    weights_dir = Path(params.storage.weights_dir) if params.storage.weights_dir else None
+    return build_reward(params.rl.reward, device, learned_path=paths.reward_model, weights_dir=weights_dir,
+                        differentiable=differentiable, probe_size=params.prepare.patch_size)

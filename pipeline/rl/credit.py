@@ -4,10 +4,13 @@ A rollout of S DDIM steps is scored at checkpoints k_1 < ... < k_K = S: the clea
 predicted after k steps (the final image at k = S), each reward normalised within its group
 (pipeline/rl/advantages.py). A credit function turns those (K, N) checkpoint advantages into
 the (S, N) advantages of the S transitions x_j -> x_{j+1}. The config picks one by name
-(`rl.step_credit`); a method with its own step weighting adds a function here.
+(`rl.step_credit`); a method with its own credit adds a function here.
 
 A step weighting (`rl.step_weighting`) then scales those per-step advantages by a factor
 that depends on the step alone (LRPO's noise level); `uniform` leaves them as they are.
+
+Every entry of both registries takes (advantages, rollouts, rl config) and reads its own
+settings from the config (`rl.reward_steps`, `rl.coca`, `rl.noise_level`).
 """
 
 from __future__ import annotations
@@ -16,19 +19,21 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-if TYPE_CHECKING:  # config validation imports this module; keep diffusers out of it
+if TYPE_CHECKING:
+    from pipeline.config import RlConfig
     from pipeline.rl.rollout import Rollouts
 
 
-def next_checkpoint(adv: torch.Tensor, checkpoints: list[int], r: "Rollouts") -> torch.Tensor:
+def next_checkpoint(adv: torch.Tensor, r: "Rollouts", cfg: "RlConfig") -> torch.Tensor:
     """Transition j first shows in the image predicted after j + 1 steps, so it takes the
-    advantage of the first checkpoint k >= j + 1 (the final image's for the last stretch)."""
+    advantage of the first checkpoint k >= j + 1 of `rl.reward_steps` (the final image's for
+    the last stretch)."""
     steps = len(r.timesteps)
-    which = torch.searchsorted(torch.tensor(checkpoints), torch.arange(1, steps + 1))
+    which = torch.searchsorted(torch.tensor(cfg.reward_steps), torch.arange(1, steps + 1))
     return adv[which]
 
 
-def terminal(adv: torch.Tensor, checkpoints: list[int], r: "Rollouts") -> torch.Tensor:
+def terminal(adv: torch.Tensor, r: "Rollouts", cfg: "RlConfig") -> torch.Tensor:
     """DDPO: every step gets the final image's advantage; other checkpoints are ignored."""
     return adv[-1:].expand(len(r.timesteps), -1)
 
@@ -76,8 +81,13 @@ def coca_step_weights(x0: torch.Tensor, final: torch.Tensor, window: int,
     return torch.where(total > 0, per_step / total.clamp(min=GAIN_FLOOR), terminal_only)
 
 
-def coca(adv: torch.Tensor, checkpoints: list[int], r: "Rollouts", window: int = 2, clip: float = 5.0,
-         relative_to_lq: bool = True) -> torch.Tensor:
+def coca(adv: torch.Tensor, r: "Rollouts", cfg: "RlConfig") -> torch.Tensor:
+    """CoCA credit with the settings of `rl.coca` (coca_advantages)."""
+    return coca_advantages(adv, r, cfg.coca.window, cfg.coca.clip, cfg.coca.relative_to_lq)
+
+
+def coca_advantages(adv: torch.Tensor, r: "Rollouts", window: int = 2, clip: float = 5.0,
+                    relative_to_lq: bool = True) -> torch.Tensor:
     """CoCA: the trajectory's (final image's) advantage A spread over steps by credit.
 
     With step weights w_k (coca_step_weights), step j's share is the reward-to-go
@@ -101,12 +111,17 @@ STEP_CREDIT: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def uniform(adv: torch.Tensor, r: "Rollouts", min_scale: float = 0.5, max_scale: float = 2.0) -> torch.Tensor:
+def uniform(adv: torch.Tensor, r: "Rollouts", cfg: "RlConfig") -> torch.Tensor:
     """Every step keeps its advantage."""
     return adv
 
 
-def noise_level(adv: torch.Tensor, r: "Rollouts", min_scale: float = 0.5, max_scale: float = 2.0) -> torch.Tensor:
+def noise_level(adv: torch.Tensor, r: "Rollouts", cfg: "RlConfig") -> torch.Tensor:
+    """LRPO with `rl.noise_level` (noise_level_scaled)."""
+    return noise_level_scaled(adv, r, cfg.noise_level.min_scale, cfg.noise_level.max_scale)
+
+
+def noise_level_scaled(adv: torch.Tensor, r: "Rollouts", min_scale: float = 0.5, max_scale: float = 2.0) -> torch.Tensor:
     """LRPO: step j's advantage times clip(sigma_j / mean sigma, min_scale, max_scale), the mean
     over the stochastic steps. Noisier steps explore more, so their actions carry more of
     the outcome; deterministic steps (sigma 0, masked anyway) get min_scale."""

@@ -8,6 +8,9 @@ window of recent difficulties; the RL weight ramps linearly from 0 at quantile `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 
@@ -70,7 +73,20 @@ def rl_only_weights(tracker: DifficultyTracker, difficulties: torch.Tensor, q_lo
     return torch.ones_like(difficulties, dtype=torch.float)
 
 
-WEIGHTINGS = {"adaptive": adaptive_weights, "uniform": uniform_weights, "rl_only": rl_only_weights}
+@dataclass(frozen=True)
+class Weighting:
+    """A rule for each sample's RL weight w; `uses_sft`: whether any sample can get w < 1, i.e.
+    whether the update needs the SFT loss at all (with w = 1 everywhere it is multiplied by 0)."""
+
+    weights: Callable[[DifficultyTracker, torch.Tensor, float, float], torch.Tensor]
+    uses_sft: bool
+
+
+WEIGHTINGS: dict[str, Weighting] = {
+    "adaptive": Weighting(adaptive_weights, uses_sft=True),
+    "uniform": Weighting(uniform_weights, uses_sft=True),
+    "rl_only": Weighting(rl_only_weights, uses_sft=False),
+}
 
 
 def mixed_loss(w: torch.Tensor, rl_loss: torch.Tensor, sft_loss: torch.Tensor, lambda_sft: float) -> torch.Tensor:

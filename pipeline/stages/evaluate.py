@@ -19,15 +19,16 @@ import mlflow
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from pipeline import iqa, tracking
+from pipeline import tracking
 from pipeline.atomic import atomic_file
-from pipeline.config import Params
+from pipeline.config import Params, flatten
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
+from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.scorers import build_reward
 
@@ -39,10 +40,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     device = setup_runtime(params.runtime)
     test = load_split(paths.data, "test")
     with tracking.stage_run("evaluate", params, SECTIONS, root):
-        outputs = {"lq": test.lq, "sft": restore(DiffusionRestorer.from_pretrained(paths.sft_model).to(device),
-                                                 test, params, device)}
+        outputs = {"lq": test.lq, "sft": restore_split(DiffusionRestorer.from_pretrained(paths.sft_model).to(device),
+                                                       test, params, progress=True)}
         if paths.rl_model.exists():
-            outputs["rl"] = restore(DiffusionRestorer.from_pretrained(paths.rl_model).to(device), test, params, device)
+            outputs["rl"] = restore_split(DiffusionRestorer.from_pretrained(paths.rl_model).to(device), test, params,
+                                          progress=True)
         shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
         generator = torch.Generator().manual_seed(params.runtime.seed)
         outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
@@ -55,28 +57,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         with atomic_file(paths.metrics / "evaluate.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
         save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
-        mlflow.log_metrics({k: v for k, v in tracking.flatten(metrics["overall"]).items()})
-        mlflow.log_metrics({f"task.{k}": v for k, v in tracking.flatten(metrics["per_task"]).items()})
+        mlflow.log_metrics({k: v for k, v in flatten(metrics["overall"]).items()})
+        mlflow.log_metrics({f"task.{k}": v for k, v in flatten(metrics["per_task"]).items()})
         mlflow.log_artifact(str(paths.metrics / "evaluate.json"))
         mlflow.log_artifact(str(paths.plots / "eval_grid.png"))
     print(format_table(metrics))
     return metrics
-
-
-def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, device: torch.device,
-            progress: bool = True) -> torch.Tensor:
-    """DDIM restoration of every LQ patch (`evaluate.sampling`), seeded, in batches."""
-    cfg = params.evaluate
-    model.eval()
-    generator = torch.Generator().manual_seed(params.runtime.seed)
-    out = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(data), cfg.batch_size), desc="restore", unit="batch", disable=not progress):
-            cond = data.lq[i:i + cfg.batch_size].to(device)
-            tasks = data.tasks[i:i + cfg.batch_size]
-            s = cfg.sampling
-            out.append(model.restore(cond, s.steps, s.eta, generator, tasks=tasks, samples=s.samples).cpu())
-    return torch.cat(out)
 
 
 def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],

@@ -19,9 +19,17 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PrepareConfig
+from pipeline.data import degradations
 from pipeline.data.degradations import DEGRADATIONS, degrade
-from pipeline.data.sources import (DataError, SourceImage, load_faces, load_folder, load_pairs, load_skimage,
-                                   local_source)
+from pipeline.data.sources import (
+    DataError,
+    SourceImage,
+    load_faces,
+    load_folder,
+    load_pairs,
+    load_skimage,
+    local_source,
+)
 from pipeline.paths import Paths
 
 SPLITS = ("train", "val", "test")
@@ -31,6 +39,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     from pipeline.storage import endpoint_url
 
     cfg = params.prepare
+    degradations.check(cfg.degradations)
     images = load_sources(cfg, endpoint_url(params.storage))
     splits = split_by_source([im.name for im in images], cfg, params.runtime.seed)
     paths = Paths(root)

@@ -12,14 +12,10 @@ No-reference Image Quality Assessment", 2017) to the pairs
   reward cannot be gamed by the edits the controls test (weighted by `hack_weight`).
 
 The fresh copies are drawn once per run from every degradation family at its default ranges
-(pipeline/data/degradations.py): more negatives than the fixed pairs. Measured on the held-out val
-split (48 coffee patches, one seed each, so one patch is 0.02): CNNIQA with pairs only, 400 steps:
-GT>LQ 0.67, GT>SFT 0.67, unsharp and contrast above SFT; this model, 400 steps, one view: 0.92 /
-0.75, unsharp above SFT; 800 steps, one view: 0.94 / 0.92 (a scratch run); 800 steps, mean of the
-8 dihedral views (RewardModel): 0.96 / 0.94 in that scratch run, 0.96 / 0.81 in the default
-`restorl repro` (another random stream: GT>SFT varies this much between seeds), every hack below
-SFT -- passing. The checks the issue sets are computed on the held-out val split and written to
-metrics/reward.json.
+(pipeline/data/degradations.py): more negatives than the fixed pairs. The acceptance checks
+(GT above LQ, GT above the SFT output, every hack control below SFT) are computed on the
+held-out val split and written to metrics/reward.json; docs/results.md has the measurements
+behind this design.
 """
 
 from __future__ import annotations
@@ -36,14 +32,16 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, atomic_file
-from pipeline.config import Params
+from pipeline.config import Params, flatten
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.data.degradations import DEGRADATIONS, degrade
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.models.reward_model import RewardModel
+from pipeline.models.sampling import restore
 from pipeline.paths import Paths
 from pipeline.rewards.hacks import HACKS
+from pipeline.rewards.iqa import psnr
 
 SECTIONS = ["reward"]
 
@@ -56,8 +54,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     generator = torch.Generator().manual_seed(params.runtime.seed)
     subset = torch.randperm(len(train), generator=generator)[: cfg.sft_samples]
     train = PairedSplit(train.gt[subset], train.lq[subset], [train.samples[i] for i in subset.tolist()])
-    train_sft = restore(sft, train, params, generator)
-    val_sft = restore(sft, val, params, generator)
+    # The SFT outputs as `evaluate` scores them, the noise from this stage's generator.
+    sampling, batch = params.evaluate.sampling, params.evaluate.batch_size
+    train_sft = restore(sft, train, sampling, batch, generator)
+    val_sft = restore(sft, val, sampling, batch, generator)
     rng = np.random.default_rng(params.runtime.seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]
 
@@ -83,7 +83,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 mlflow.log_metrics({"bt_loss": quality_loss.item(), "hack_loss": hack_loss.item()}, step=step + 1)
         model.eval()
         checks = reward_checks(model, val, val_sft, generator)
-        mlflow.log_metrics({k: float(v) for k, v in tracking.flatten(checks).items() if not isinstance(v, bool)})
+        mlflow.log_metrics({k: float(v) for k, v in flatten(checks).items() if not isinstance(v, bool)})
         with atomic_dir(paths.reward_model) as tmp:
             model.save(tmp)
         with atomic_file(paths.metrics / "reward.json") as tmp:
@@ -91,14 +91,6 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         mlflow.log_artifact(str(paths.metrics / "reward.json"))
     print(json.dumps(checks, indent=2))
     return checks
-
-
-def restore(model: DiffusionRestorer, data: PairedSplit, params: Params, generator: torch.Generator) -> torch.Tensor:
-    """The SFT outputs as `evaluate` scores them (`evaluate.sampling`, samples averaged)."""
-    s = params.evaluate.sampling
-    return torch.cat([model.restore(data.lq[i:i + 64].to(model.device), s.steps, s.eta, generator,
-                                    tasks=data.tasks[i:i + 64], samples=s.samples).cpu()
-                      for i in range(0, len(data), 64)])
 
 
 def fresh_degradations(gt: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -109,10 +101,6 @@ def fresh_degradations(gt: torch.Tensor, rng: np.random.Generator) -> torch.Tens
         family = DEGRADATIONS[names[rng.integers(len(names))]]
         out.append(degrade(image, [(family.name, family.draw_params({}, rng))], rng))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _psnr(x: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    return -10 * torch.log10(((x - gt) ** 2).mean(dim=(1, 2, 3)) / 4 + 1e-12)
 
 
 def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator):
@@ -127,7 +115,7 @@ def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator):
     gt, lq, restored = natural[:3]
     images = natural + [hack(restored, generator) for hack in HACKS.values()]
     group = [torch.arange(len(gt)) + j * len(gt) for j in range(len(images))]  # indices per image kind
-    closer = _psnr(restored, gt) > _psnr(lq, gt)
+    closer = psnr(restored, gt) > psnr(lq, gt)
     quality = [(group[0], group[1]), (group[0], group[2]), (group[2][closer], group[1][closer])]
     quality += [(group[0], group[3 + j]) for j in range(len(fresh))]
     hacks = [(group[2], group[3 + len(fresh) + j]) for j in range(len(HACKS))]

@@ -10,28 +10,24 @@ Output: `data/difficulty.csv`, `metrics/score.json`, `plots/difficulty_hist.png`
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from pathlib import Path
 
 import mlflow
 import torch
 from tqdm import tqdm
 
-from pipeline import iqa, tracking
+from pipeline import tracking
 from pipeline.atomic import atomic_file
-from pipeline.config import Params
-from pipeline.data.dataset import PairedSplit, load_split
-from pipeline.data.sources import DataError
+from pipeline.config import Params, flatten
+from pipeline.data.dataset import load_split
 from pipeline.device import setup_runtime
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
-from pipeline.rewards.scorers import Reward, build_reward
-from pipeline.rl.difficulty import sample_difficulty
+from pipeline.rewards.scorers import load_reward
+from pipeline.rl.difficulty_table import measure, write_table
 
 SECTIONS = ["score", "rl"]
-COLUMNS = ["index", "id", "task", "reward_output", "reward_gt", "reward_gap", "ssim", "psnr", "difficulty"]
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -60,7 +56,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         with atomic_file(paths.metrics / "score.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         save_histogram(paths.plots / "difficulty_hist.png", rows, cfg.bins)
-        mlflow.log_metrics(tracking.flatten(summary))
+        mlflow.log_metrics(flatten(summary))
         for path in (paths.difficulty_table, paths.metrics / "score.json", paths.plots / "difficulty_hist.png"):
             mlflow.log_artifact(str(path))
     print(f"score: {len(rows)} training patches; difficulty quantiles {summary['difficulty']}, "
@@ -68,59 +64,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     return summary
 
 
-def load_reward(params: Params, paths: Paths, device: torch.device) -> Reward:
-    """The RL reward (`rl.reward`); `learned` is the reward stage's model in checkpoints/reward."""
-    weights_dir = Path(params.storage.weights_dir) if params.storage.weights_dir else None
-    return build_reward(params.rl.reward, device, learned_path=paths.reward_model, weights_dir=weights_dir)
-
-
 def scored_subset(n: int, samples: int | None, generator: torch.Generator) -> torch.Tensor:
     """Sorted indices of the training patches to score: a seeded subset, or all."""
     if samples is None or samples >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=generator)[:samples].sort().values
-
-
-def measure(reward: Reward, images: torch.Tensor, gt: torch.Tensor, fidelity_weight: float) -> dict[str, torch.Tensor]:
-    """Per-image reward of the output and of the GT, SSIM, PSNR and the difficulty (all on CPU)."""
-    with torch.no_grad():
-        r_out, r_gt = reward(images, gt).cpu(), reward(gt, gt).cpu()
-    ssim, psnr = iqa.score("ssim", images, gt), iqa.score("psnr", images, gt)
-    return {"reward_output": r_out, "reward_gt": r_gt, "reward_gap": r_gt - r_out, "ssim": ssim, "psnr": psnr,
-            "difficulty": sample_difficulty(r_gt, r_out, ssim, fidelity_weight)}
-
-
-def write_table(path: Path, rows: list[dict]) -> None:
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-
-
-def read_table(path: Path, train: PairedSplit) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training-split indices, difficulties) of the scored samples; checked against the split."""
-    if not Path(path).exists():
-        raise DataError(f"{path}: not found; run the score stage first")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in COLUMNS if rows and c not in rows[0]]
-    if not rows or missing:
-        raise DataError(f"{path}: no rows or missing columns {missing}; run the score stage again")
-    index, difficulty = [], []
-    for n, row in enumerate(rows, start=2):
-        try:
-            i, d = int(row["index"]), float(row["difficulty"])
-        except ValueError:
-            raise DataError(f"{path}, line {n}: index/difficulty are not numbers") from None
-        if not 0 <= i < len(train) or train.samples[i]["id"] != row["id"]:
-            raise DataError(f"{path}, line {n}: sample {row['id']!r} is not training patch {i} of "
-                            "data/prepared; the table is stale, run the score stage again")
-        if not math.isfinite(d):
-            raise DataError(f"{path}, line {n}: difficulty is {d}")
-        index.append(i)
-        difficulty.append(d)
-    return torch.tensor(index), torch.tensor(difficulty)
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -10,7 +10,6 @@ MLflow run and a new version of the registered model.
 from __future__ import annotations
 
 import csv
-import hashlib
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from tqdm import tqdm
 from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
-from pipeline.data.dataset import PairedSplit, load_split, random_dihedral
+from pipeline.data.dataset import load_split, random_dihedral, sample_weights
 from pipeline.device import setup_runtime
+from pipeline.model_registry import register_restorer
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
 
@@ -47,7 +47,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     resumable = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule} | ({"ema": ema} if ema else {})
 
     resume_dir = paths.resume / "sft"
-    fingerprint = _fingerprint(params, paths)
+    fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime"], [paths.manifest])
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=generator)
     start, history = resumed if resumed else (0, {"loss": []})
     if resumed:
@@ -89,33 +89,14 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         _write_loss_plot(paths.plots / "sft_loss.csv", history["loss"], cfg.log_every)
         mlflow.log_metric("train_seconds", seconds)
         mlflow.log_artifact(str(paths.plots / "sft_loss.csv"))
-        version = tracking.register_restorer(params, paths.sft_model, {
+        version = register_restorer(params, paths.sft_model, {
             "restorl.stage": "sft", "restorl.params_hash": params.section_hash(*SECTIONS),
-            "restorl.data_hash": _data_hash(paths), "restorl.git_commit": tracking.git_commit(root),
+            "restorl.data_hash": checkpoint.file_hash(paths.manifest), "restorl.git_commit": tracking.git_commit(root),
             "restorl.run_id": run.info.run_id})
     checkpoint.clear_state(resume_dir)
     print(f"sft: {cfg.steps} steps in {seconds:.0f}s, final loss {history['loss'][-1]:.4g}; "
           f"registered {params.tracking.registered_model} v{version}")
     return {"steps": cfg.steps, "seconds": seconds, "model_version": version}
-
-
-def sample_weights(kind: str, data: PairedSplit) -> torch.Tensor:
-    """Loss weight of each training sample: 1, or 1 / its task's mean LQ error (mean weight 1)."""
-    if kind == "mse":
-        return torch.ones(len(data))
-    lq_error = ((data.gt - data.lq) ** 2).mean(dim=(1, 2, 3))
-    tasks = data.tasks
-    task_error = {t: lq_error[[i for i, x in enumerate(tasks) if x == t]].mean() for t in set(tasks)}
-    weights = torch.stack([1.0 / (task_error[t] + 1e-6) for t in tasks])
-    return weights / weights.mean()
-
-
-def _data_hash(paths: Paths) -> str:
-    return hashlib.sha256(paths.manifest.read_bytes()).hexdigest()[:16]
-
-
-def _fingerprint(params: Params, paths: Paths) -> str:
-    return f"{params.section_hash(*SECTIONS, 'runtime')}-{_data_hash(paths)}"
 
 
 def _write_loss_plot(path: Path, losses: list[float], every: int) -> None:

@@ -1,6 +1,6 @@
 """Every RL method on the same data, seeds and sample budget, as DVC experiments; one table.
 
-    cd WORKSPACE && python /path/to/bench/ablation.py [--methods ...] [--seeds 0 1 2] [--epochs N] [--out ablation.md]
+    restorl ablate [--methods NAME ...] [--seeds 0 1 2] [--epochs N] [--out ablation.md]
 
 Run in a workspace where the pipeline has run once (`restorl repro`) and whose dvc.yaml,
 dvc.lock and params.yaml are committed to Git: DVC experiments are based on the Git HEAD
@@ -21,50 +21,49 @@ Rows: the seed method (params.yaml as it is: difficulty-adaptive PPO), each meth
 seed method with the sign of every rl.reward term flipped (a run that optimises the reward's
 opposite: its test reward should fall), and the SFT model and hack controls of
 metrics/evaluate.json. Figures are on the test split, mean ± std over seeds; val reward gain and
-best epoch come from metrics/rl.json. Then the sample-efficiency table (CoCA's claim): the
-rollouts' final reward and the val reward per epoch against rollouts so far, coca vs ddpo.
+best epoch come from metrics/rl.json. A method "improves" when its reward gain clears the bar
+of `verdict`, PSNR included: rl.psnr_guard of params.yaml, the loss the rl stage accepts when
+it picks its epoch. Then the sample-efficiency table (CoCA's claim): the rollouts' final reward
+and the val reward per epoch against rollouts so far, coca vs ddpo.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
-METHODS_DIR = REPO / "profiles" / "methods"
+from pipeline.atomic import atomic_file
+from pipeline.commands import dvc, git, run_streamed, tool, tool_env
+from pipeline.config import PROFILES_DIR, Params, flatten, load_raw, read_yaml
+from pipeline.errors import UserError
+from pipeline.part_names import validate
 
-from pipeline.config import ConfigError, load_raw, read_yaml, validate
-
+METHODS_DIR = PROFILES_DIR / "methods"
 SEED_METHOD, FLIPPED = "adaptive", "flipped"
 METHODS = (SEED_METHOD, "uniform", "ppo", "ddpo", "coca", "lrpo", "rfsr", FLIPPED)
 LABELS = {SEED_METHOD: "seed: params.yaml (difficulty-adaptive)", "uniform": "seed, uniform weighting",
           "ppo": "seed, PPO objective",
           "ddpo": "DDPO", "coca": "CoCA (DDPO + CoCA credit)", "lrpo": "LRPO", "rfsr": "RFSR (reward feedback)",
           FLIPPED: "seed, sign-flipped reward"}
-# The issue's bar for "RL improves": the test reward gain over SFT, less its seed spread, above the
-# sign-flipped run's change plus its spread and above every hack control's change, and PSNR down
-# by no more than this.
-PSNR_TOLERANCE = 0.3
+DEFAULT_SEEDS = (0, 1, 2)
+# DVC's default params file: `-S key=value` without a file prefix changes it.
+DVC_PARAMS_FILE = "params.yaml"
 # (evaluate.json metric, column header, format)
 TEST_METRICS = (("reward", "reward ↑", ".4f"), ("piqe", "PIQE ↓", ".2f"), ("psnr", "PSNR ↑", ".2f"),
                 ("ssim", "SSIM ↑", ".4f"))
 LOG_DIR = Path(".restorl/ablation")
 
 
-class AblationError(RuntimeError):
+class AblationError(UserError, RuntimeError):
     """The workspace cannot run the ablation; the message says what to do."""
 
 
@@ -82,37 +81,51 @@ class Run:
     curves: list[dict]  # plots/rl_curves.csv rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="rl.seed values")
-    parser.add_argument("--epochs", type=int, help="rl.epochs for every run (the sample budget)")
-    parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
-    args = parser.parse_args(argv)
-    try:
-        params_before = check_workspace()
-        raw = load_raw("params.yaml")
-        runs_spec = [(m, s, experiment_name(m, s), overrides(m, s, raw, args.epochs))
-                     for m in args.methods for s in args.seeds]
-        failed = run_experiments(runs_spec, raw)
-        if Path("params.yaml").read_bytes() != params_before:
-            Path("params.yaml").write_bytes(params_before)
-            print("ablation: params.yaml had changed during the runs; restored", file=sys.stderr)
-        runs = read_runs([(m, s, n) for m, s, n, _ in runs_spec if n not in failed])
-    except (AblationError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def chosen_methods(values: list[str]) -> list[str]:
+    """The methods of `--methods` (repeated, or several in one value, space separated); all for none."""
+    names = list(dict.fromkeys(name for value in values for name in value.split()))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise AblationError(f"--methods: unknown method {', '.join(map(repr, unknown))}; "
+                            f"the methods are {' '.join(METHODS)}")
+    return names or list(METHODS)
+
+
+def chosen_seeds(values: list[str]) -> list[int]:
+    """The rl.seed values of `--seeds` (repeated, or several in one value, space separated)."""
+    seeds = []
+    for word in (word for value in values for word in value.split()):
+        if not re.fullmatch(r"\d+", word):
+            raise AblationError(f"--seeds: {word!r} is not a seed (a whole number >= 0)")
+        seeds.append(int(word))
+    return list(dict.fromkeys(seeds)) or list(DEFAULT_SEEDS)
+
+
+def run_ablation(methods: list[str], seeds: list[int], epochs: int | None = None,
+                 params_file: Path = Path("params.yaml"), out: Path | None = None) -> int:
+    """Run every (method, seed) experiment, print the tables (and write them to `out`).
+
+    0 when every experiment finished, 1 when some (or all) failed; a workspace that cannot run
+    the ablation raises AblationError, bad params ConfigError, a failing git/dvc CommandError."""
+    params_file = Path(os.path.relpath(params_file))
+    params_before = check_workspace(params_file)
+    raw = load_raw(params_file)
+    params = validate(raw, str(params_file))
+    runs_spec = [(m, s, experiment_name(m, s), overrides(m, s, raw, epochs)) for m in methods for s in seeds]
+    failed = run_experiments(runs_spec, params, params_file)
+    if params_file.read_bytes() != params_before:
+        params_file.write_bytes(params_before)
+        print(f"ablation: {params_file} had changed during the runs; restored", file=sys.stderr)
+    runs = read_runs([(m, s, n) for m, s, n, _ in runs_spec if n not in failed], params_file)
     if not runs:
         print("error: no experiment finished", file=sys.stderr)
         return 1
-    text = report(runs, args)
+    text = report(runs, params.rl.psnr_guard)
     print(text)
-    if args.out:
-        from pipeline.atomic import atomic_file
-
-        with atomic_file(args.out) as tmp:
+    if out:
+        with atomic_file(out) as tmp:
             tmp.write_text(text + "\n")
-        print(f"\nwritten to {args.out}")
+        print(f"\nwritten to {out}")
     if failed:
         print(f"\nfailed: {', '.join(failed)} (logs in {LOG_DIR}/)", file=sys.stderr)
     return 1 if failed else 0
@@ -122,26 +135,26 @@ def main(argv: list[str] | None = None) -> int:
 # the experiments
 
 
-def check_workspace() -> bytes:
-    """Fail early, saying what to do, unless the pipeline ran here and is committed; params.yaml's bytes."""
-    if not Path("dvc.yaml").exists() or not Path("params.yaml").exists():
-        raise AblationError(f"no dvc.yaml/params.yaml in {Path.cwd()}: run this in a restorl workspace")
+def check_workspace(params_file: Path = Path("params.yaml")) -> bytes:
+    """Fail early, saying what to do, unless the pipeline ran here and is committed; the params file's bytes."""
+    if not Path("dvc.yaml").exists() or not params_file.exists():
+        raise AblationError(f"no dvc.yaml/{params_file} in {Path.cwd()}: run this in a restorl workspace")
     if git("rev-parse", "--verify", "-q", "HEAD", check=False).returncode != 0:
         raise AblationError("DVC experiments need a Git commit to start from: run `restorl repro` first, "
                             "then `git add -A && git commit -m baseline`")
     if not Path("dvc.lock").exists() or not Path("metrics/evaluate.json").exists():
         raise AblationError("the pipeline has not run in this workspace: run `restorl repro` first")
-    untracked = [f for f in ("dvc.yaml", "dvc.lock", "params.yaml")
+    untracked = [f for f in ("dvc.yaml", "dvc.lock", params_file.as_posix())
                  if git("ls-files", "--error-unmatch", f, check=False).returncode != 0]
     if untracked:
         raise AblationError(f"{', '.join(untracked)} not in Git; each experiment starts from HEAD plus edits of "
                             f"tracked files: `git add {' '.join(untracked)} && git commit -m baseline` first")
-    validate(load_raw("params.yaml"), "params.yaml")
+    validate(load_raw(params_file), str(params_file))
     stale = dvc("status", "--json", "--with-deps", "score").stdout.strip()
     if stale not in ("", "{}"):
         raise AblationError("prepare/sft/reward/score are not up to date with this workspace (`dvc status score`): "
                             "run `restorl repro` first")
-    return Path("params.yaml").read_bytes()
+    return params_file.read_bytes()
 
 
 def experiment_name(method: str, seed: int) -> str:
@@ -180,17 +193,6 @@ def set_params(override: dict, base: dict) -> list[str]:
     return out
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted leaf keys; lists and scalars are leaves."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def has_key(tree: dict, dotted: str) -> bool:
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -221,17 +223,21 @@ def hydra_value(value: Any) -> str:
     raise AblationError(f"cannot pass {value!r} as a -S value")
 
 
-def run_experiments(specs: list[tuple[str, int, str, list[str]]], raw: dict) -> list[str]:
+def run_experiments(specs: list[tuple[str, int, str, list[str]]], params: Params,
+                    params_file: Path = Path(DVC_PARAMS_FILE)) -> list[str]:
     """Run each experiment in turn (rl -> evaluate); names of the failed ones."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
+    from pipeline.model_registry import CHALLENGER, alias_version, set_alias
 
-    params = validate(raw, "params.yaml")
     # --temp runs elsewhere: point every stage at this workspace's MLflow store.
     uri = tracking.tracking_uri(params)
     experiment_id = tracking.configure(params)
-    challenger = _alias(params, tracking.CHALLENGER)
+    client, model = MlflowClient(), params.tracking.registered_model
+    challenger = alias_version(client, model, CHALLENGER)
+    file_prefix = "" if params_file.as_posix() == DVC_PARAMS_FILE else f"{params_file.as_posix()}:"
     existing = set(dvc("exp", "list", "--name-only").stdout.split())
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     failed = []
@@ -240,18 +246,17 @@ def run_experiments(specs: list[tuple[str, int, str, list[str]]], raw: dict) -> 
             if name in existing:
                 dvc("exp", "remove", name)
                 print(f"ablation: replacing the earlier experiment {name}", file=sys.stderr)
-            cmd = [str(BIN / "dvc"), "exp", "run", "--temp", "-n", name, *[a for s in sets for a in ("-S", s)],
-                   "evaluate"]
+            cmd = [tool("dvc"), "exp", "run", "--temp", "-n", name,
+                   *[a for s in sets for a in ("-S", file_prefix + s)], "evaluate"]
             print(f"[{i}/{len(specs)}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             with mlflow.start_run(run_name=name, experiment_id=experiment_id,
                                   tags={"restorl.stage": "ablation", "restorl.dvc_exp": name,
                                         "restorl.method": method, "restorl.rl_seed": str(seed)}) as parent:
-                env = os.environ | {"MLFLOW_TRACKING_URI": uri, tracking.PARENT_RUN_ENV: parent.info.run_id,
-                                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
                 log = LOG_DIR / f"{name}.log"
                 with open(log, "w") as f:
-                    code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+                    code = run_streamed(cmd, env=tool_env(parent.info.run_id, MLFLOW_TRACKING_URI=uri),
+                                        on_line=f.write)
                 if code:
                     mlflow.set_tag("restorl.failed", "true")
             took = time.perf_counter() - t0
@@ -263,31 +268,15 @@ def run_experiments(specs: list[tuple[str, int, str, list[str]]], raw: dict) -> 
                 print(f"    done in {took:.0f}s", file=sys.stderr)
     finally:
         if challenger is not None:
-            _set_alias(params, tracking.CHALLENGER, challenger)
+            set_alias(client, model, CHALLENGER, challenger)
     return failed
-
-
-def _alias(params, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        return str(MlflowClient().get_model_version_by_alias(params.tracking.registered_model, alias).version)
-    except MlflowException:  # no registered model or no such alias yet
-        return None
-
-
-def _set_alias(params, alias: str, version: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_registered_model_alias(params.tracking.registered_model, alias, version)
 
 
 # ---------------------------------------------------------------------------------------------
 # reading the results back
 
 
-def read_runs(wanted: list[tuple[str, int, str]]) -> list[Run]:
+def read_runs(wanted: list[tuple[str, int, str]], params_file: Path = Path(DVC_PARAMS_FILE)) -> list[Run]:
     """The named experiments of the current baseline, from `dvc exp show --json`."""
     shown = json.loads(dvc("exp", "show", "--json", "--no-pager").stdout)
     found = experiments_by_name(shown, git("rev-parse", "HEAD").stdout.strip())
@@ -297,7 +286,7 @@ def read_runs(wanted: list[tuple[str, int, str]]) -> list[Run]:
             raise AblationError(f"experiment {name} ran but is not in `dvc exp show`")
         rev, data = found[name]
         metrics = data["metrics"]
-        rl_params = data["params"]["params.yaml"]["data"]["rl"]
+        rl_params = data["params"][params_file.as_posix()]["data"]["rl"]
         curves = git("show", f"{rev}:plots/rl_curves.csv").stdout
         runs.append(Run(method, seed, name, metrics["metrics/rl.json"]["data"],
                         metrics["metrics/evaluate.json"]["data"], rl_params["images_per_epoch"],
@@ -344,8 +333,12 @@ def reward_gains(runs: list[Run]) -> list[float]:
     return [r.evaluate["overall"]["rl"]["reward"] - r.evaluate["overall"]["sft"]["reward"] for r in runs]
 
 
-def verdict(group: list[Run], flipped: list[Run], overall: dict) -> str:
-    """`yes` where the group's reward gain clears the bar (PSNR_TOLERANCE above), else why not."""
+def verdict(group: list[Run], flipped: list[Run], overall: dict, psnr_guard: float) -> str:
+    """`yes` where the group's reward gain clears the bar, else why not.
+
+    The issue's bar for "RL improves": the test reward gain over SFT, less its seed spread, above
+    the sign-flipped run's change plus its spread and above every hack control's change, and PSNR
+    down by no more than `psnr_guard` dB (rl.psnr_guard: what the rl stage accepts for its epoch)."""
     gain, spread = _stats(reward_gains(group))
     hack = max((overall[k]["reward"] - overall["sft"]["reward"] for k in overall if k.startswith("sft_")),
                default=-math.inf)
@@ -356,13 +349,13 @@ def verdict(group: list[Run], flipped: list[Run], overall: dict) -> str:
         reasons.append("within the flipped run")
     if gain - spread <= hack:
         reasons.append("within a hack")
-    if psnr_drop > PSNR_TOLERANCE:
+    if psnr_drop > psnr_guard:
         reasons.append(f"PSNR -{psnr_drop:.2f} dB")
     return "yes" if not reasons else "no: " + ", ".join(reasons)
 
 
-def results_table(runs: list[Run]) -> str:
-    """One row per method (over its seeds), then SFT and its hack controls."""
+def results_table(runs: list[Run], psnr_guard: float) -> str:
+    """One row per method (over its seeds), then SFT and its hack controls; `psnr_guard` as in `verdict`."""
     header = (["row", "seeds"] + [h for _, h, _ in TEST_METRICS]
               + ["reward gain", "improves?", "val reward gain", "best epoch", "RL s", "rollouts"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -375,7 +368,7 @@ def results_table(runs: list[Run]) -> str:
         cells = [LABELS.get(method, method), ",".join(str(r.seed) for r in group)]
         cells += [mean_std([r.evaluate["overall"]["rl"][m] for r in group], f) for m, _, f in TEST_METRICS]
         cells += [mean_std(reward_gains(group), ".3f"),
-                  "–" if method == FLIPPED else verdict(group, flipped, overall),
+                  "–" if method == FLIPPED else verdict(group, flipped, overall, psnr_guard),
                   mean_std([r.rl["val_reward_gain"] for r in group], ".3g"),
                   mean_std([r.rl["best_epoch"] for r in group], ".1f"),
                   mean_std([r.rl["seconds"] for r in group], ".1f"),
@@ -420,7 +413,8 @@ def weighting_table(runs: list[Run]) -> str:
     return epoch_table(runs, (SEED_METHOD, "uniform"), {"val_reward": "val reward", "val_psnr": "val PSNR"})
 
 
-def report(runs: list[Run], args: argparse.Namespace) -> str:
+def report(runs: list[Run], psnr_guard: float) -> str:
+    """The markdown of the results table and, where their methods ran, the per-epoch tables."""
     seeds = sorted({r.seed for r in runs})
     budget = sorted({(r.rl["epochs"], r.rl["rollouts"]) for r in runs})
     parts = [
@@ -430,12 +424,12 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         ("Test split (metrics/evaluate.json of each DVC experiment, mean ± std over seeds; `reward` is the "
          "learned reward). Reward gain: test reward minus SFT's. Improves?: the gain less its seed spread "
          "beats the sign-flipped run's change plus its spread and every hack control's change, with PSNR "
-         f"down by at most {PSNR_TOLERANCE} dB. Val reward gain (best epoch over SFT) and best epoch from "
-         "metrics/rl.json, in each run's own rl.reward (flipped for the sign-flipped row, composite for "
+         f"down by at most {psnr_guard:g} dB (rl.psnr_guard). Val reward gain (best epoch over SFT) and best "
+         "epoch from metrics/rl.json, in each run's own rl.reward (flipped for the sign-flipped row, composite for "
          "LRPO). Best epoch 0: no epoch beat SFT, so the shipped model is SFT. RL s: the rl stage's "
          "training loop (wall seconds)."),
         "",
-        results_table(runs),
+        results_table(runs, psnr_guard),
     ]
     weighting = weighting_table(runs)
     if weighting:
@@ -447,26 +441,3 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
                        "update) and val reward after it, against rollouts so far; mean ± std over seeds."),
                   "", efficiency]
     return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# tools
-
-
-def git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _tool(["git", *args], check)
-
-
-def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _tool([str(BIN / "dvc"), *args], check)
-
-
-def _tool(cmd: list[str], check: bool) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | {"DVC_NO_ANALYTICS": "1"})
-    if check and proc.returncode != 0:
-        raise AblationError(f"`{Path(cmd[0]).name} {' '.join(cmd[1:])}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-    return proc
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Both versions are loaded through their pyfunc flavour (what a deployment loads), restore the
 same prepared test split with `evaluate.sampling`, and are scored with the configured reward
-(any scorer name `pipeline.iqa.score` resolves) plus PSNR and SSIM. The challenger wins when
+(any pyiqa metric name, pipeline/rewards/iqa.py) plus PSNR and SSIM. The challenger wins when
 its reward improves by at least `promote.min_reward_gain` (in the reward's better direction)
 and neither PSNR nor SSIM falls below the champion's by more than its tolerance. A first model
 (no champion yet) becomes champion once it can be scored.
@@ -25,11 +25,16 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import iqa, tracking
+from pipeline import tracking
 from pipeline.atomic import atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import PairedSplit, load_split
+from pipeline.device import setup_runtime
+from pipeline.errors import UserError
+from pipeline.model_registry import CHALLENGER, CHAMPION, alias_version, set_alias
+from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
+from pipeline.rewards import iqa
 
 SECTIONS = ["promote", "evaluate"]
 FIDELITY = ("psnr", "ssim")
@@ -37,7 +42,7 @@ TAG = "restorl.promote."  # prefix of the decision tags on a model version
 PROMOTED, REFUSED, UNCHANGED = "promoted", "refused", "unchanged"
 
 
-class PromotionError(RuntimeError):
+class PromotionError(UserError, RuntimeError):
     """No decision can be made (no challenger, figures missing); nothing was changed."""
 
 
@@ -57,14 +62,14 @@ def run(params: Params, root: Path = Path(".")) -> Decision:
     name = params.tracking.registered_model
     tracking.configure(params, root)
     client = MlflowClient()
-    challenger = alias_version(client, name, tracking.CHALLENGER)
+    challenger = alias_version(client, name, CHALLENGER)
     if challenger is None:
-        raise PromotionError(f"registered model '{name}' has no '{tracking.CHALLENGER}' version "
+        raise PromotionError(f"registered model '{name}' has no '{CHALLENGER}' version "
                              f"at {mlflow.get_tracking_uri()}; train a model first")
-    champion = alias_version(client, name, tracking.CHAMPION)
+    champion = alias_version(client, name, CHAMPION)
     reward = params.promote.reward
     if champion == challenger:
-        decision = Decision(UNCHANGED, challenger, champion, f"v{challenger} is already {tracking.CHAMPION}", reward)
+        decision = Decision(UNCHANGED, challenger, champion, f"v{challenger} is already {CHAMPION}", reward)
         return _report(decision, paths)
 
     key = decision_key(params, paths, champion)
@@ -74,8 +79,6 @@ def run(params: Params, root: Path = Path(".")) -> Decision:
                             f"v{challenger} was already judged against the same champion, data and settings: "
                             f"{tags.get(TAG + 'decision')} ({tags.get(TAG + 'reason')})", reward)
         return _report(decision, paths)
-
-    from pipeline.device import setup_runtime
 
     device = setup_runtime(params.runtime)
     test = load_split(paths.data, "test")
@@ -98,21 +101,12 @@ def run(params: Params, root: Path = Path(".")) -> Decision:
         for k, v in version_tags.items():
             client.set_model_version_tag(name, challenger, TAG + k, v)
         if outcome == PROMOTED:
-            client.set_registered_model_alias(name, tracking.CHAMPION, challenger)
+            set_alias(client, name, CHAMPION, challenger)
         # Written last: a promote killed before this point is redone, not skipped.
         client.set_model_version_tag(name, challenger, TAG + "key", key)
         _report(decision, paths)
         mlflow.log_artifact(str(paths.metrics / "promote.json"))
     return decision
-
-
-def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def decision_key(params: Params, paths: Paths, champion: str | None) -> str:
@@ -125,18 +119,16 @@ def decision_key(params: Params, paths: Paths, champion: str | None) -> str:
 
 def score_version(name: str, version: str, test: PairedSplit, params: Params, device) -> dict[str, float]:
     """Mean reward, PSNR and SSIM of one registered version's restorations of `test`."""
-    from pipeline.stages.evaluate import restore
-
     try:
         pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         model = pyfunc.unwrap_python_model().model.to(device)
     except (MlflowException, OSError, AttributeError) as err:
         raise PromotionError(f"{name} v{version}: cannot load its pyfunc model: {err}") from None
-    restored = restore(model, test, params, device).to(device)
+    restored = restore_split(model, test, params, progress=True).to(device)
     gt = test.gt.to(device)
     reward = params.promote.reward
     try:
-        ref = gt if _needs_reference(reward) else None
+        ref = gt if iqa.needs_reference(reward) else None
         figures = {"reward": float(iqa.score(reward, restored, ref).mean())}
         figures |= {m: float(iqa.score(m, restored, gt).mean()) for m in FIDELITY}
     except iqa.MetricError as err:
@@ -145,11 +137,6 @@ def score_version(name: str, version: str, test: PairedSplit, params: Params, de
     if bad:
         raise PromotionError(f"{name} v{version}: figures missing (non-finite {bad}), refusing to decide")
     return figures
-
-
-def _needs_reference(scorer: str) -> bool:
-    # pyiqa marks full-reference metrics with metric_mode "FR"; other scorers take one image.
-    return getattr(iqa.metric(scorer), "metric_mode", "NR") == "FR"
 
 
 def judge(figures: dict[str, dict[str, float]], params: Params) -> tuple[str, str]:
@@ -161,7 +148,7 @@ def judge(figures: dict[str, dict[str, float]], params: Params) -> tuple[str, st
             raise PromotionError(f"{who}: figures {missing} missing, refusing to decide")
     new = figures["challenger"]
     if "champion" not in figures:
-        return PROMOTED, f"first model: no {tracking.CHAMPION} yet"
+        return PROMOTED, f"first model: no {CHAMPION} yet"
     old = figures["champion"]
     sign = -1.0 if iqa.lower_is_better(cfg.reward) else 1.0
     gain = sign * (new["reward"] - old["reward"])

@@ -1,0 +1,1 @@
+"""Experiments over many pipeline runs, as DVC experiments: the RL ablation (`restorl ablate`)."""
