@@ -27,3 +27,26 @@ def test_params_command_prints_merged_profile(tmp_path):
 
     proc = run_tool([str(BIN / "restorl"), "params", "--params", str(REPO / "params.yaml"), "--profile", "smoke"], tmp_path)
     assert "block_out_channels:\n  - 8" in proc.stdout
+
+
+def test_unknown_part_names_fail_before_any_work(tmp_path):
+    """Part names are checked against the parts (not the schema), still before any work:
+    prepare with a degradation that does not exist, rl with a step credit that does not."""
+    raw = smoke_raw()
+    raw["prepare"]["degradations"]["tasks"]["fog"] = {"weight": 1}
+    write_params(tmp_path, raw)
+    proc = run_tool([str(BIN / "restorl"), "prepare"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "prepare.degradations.tasks.fog: unknown degradation 'fog'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "data").exists()
+    # `restorl params` checks every name up front, as repro and the flow do.
+    proc = run_tool([str(BIN / "restorl"), "params"], tmp_path, check=False)
+    assert proc.returncode == 2 and "tasks.fog: unknown degradation" in proc.stderr
+
+    raw = smoke_raw()
+    raw["rl"]["step_credit"] = "gae"
+    write_params(tmp_path, raw)
+    proc = run_tool([str(BIN / "restorl"), "rl"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "rl.step_credit: unknown 'gae'; known: ['coca', 'next_checkpoint', 'terminal']" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
