@@ -179,3 +179,17 @@ def test_cli_refusal_is_one_error_line_and_exit_2(tmp_path):
     assert "error: registered model 'restorer' has no 'challenger' version" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics").exists()
+
+
+def test_judge_reads_the_reward_direction_from_the_metric():
+    """PIQE is lower-is-better: a challenger 10 below the champion gains +10, one 10 above loses."""
+    params = smoke_params(promote={"reward": "piqe", "min_reward_gain": 1.0})
+    fidelity = {"psnr": 30.0, "ssim": 0.9}
+    better = {"challenger": {"reward": 40.0, **fidelity}, "champion": {"reward": 50.0, **fidelity}}
+    outcome, reason = promote_stage.judge(better, params)
+    assert outcome == "promoted" and reason.startswith("piqe gain +10")
+    worse = {"challenger": {"reward": 50.0, **fidelity}, "champion": {"reward": 40.0, **fidelity}}
+    assert promote_stage.judge(worse, params)[0] == "refused"
+    as_psnr = smoke_params(promote={"reward": "psnr", "min_reward_gain": 1.0})  # higher is better
+    assert promote_stage.judge(worse, as_psnr)[0] == "promoted"
+

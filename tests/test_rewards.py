@@ -181,3 +181,40 @@ def test_reward_checks_rank_rates_and_catch_a_hack_that_beats_the_sft_output():
     assert checks["hack_mean"]["dither"] < checks["mean"]["sft"]
     inverted = reward_checks(_Smoothness(sign=-1.0), val, sft, g)
     assert inverted["gt_above_lq"] == 0.0 and inverted["passed"] is False
+
+
+def test_reward_checks_refuse_rates_below_their_thresholds():
+    """GT above LQ for 5 of 6 patches (0.83 < 0.95) fails the checks even with every hack below
+    SFT; all six passes. A score that is the negative distance to the GT ranks exactly."""
+    from pipeline.data.dataset import PairedSplit
+    from pipeline.stages.reward import reward_checks
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    lq = gt + 0.2 * torch.randn(gt.shape, generator=g)
+    sft = gt + 0.01 * torch.randn(gt.shape, generator=g)
+    val = PairedSplit(gt, lq, [{"task": "gaussian_noise"}] * 6)
+
+    class Closeness(torch.nn.Module):
+        def __init__(self, fooled: int | None = None):
+            super().__init__()
+            self.fooled = fooled
+
+        def forward(self, x):
+            score = -((x - gt) ** 2).mean(dim=(1, 2, 3))
+            if self.fooled is not None and torch.equal(x, gt):
+                score = score.clone()
+                score[self.fooled] = -10.0  # this GT scores below everything
+            return score
+
+    good = reward_checks(Closeness(), val, sft, g)
+    assert good["gt_above_lq"] == 1.0 and good["passed"] is True
+    fooled = reward_checks(Closeness(fooled=0), val, sft, g)
+    assert fooled["gt_above_lq"] == pytest.approx(5 / 6) and fooled["passed"] is False
+
+
+def test_dither_control_is_one_grey_level():
+    """The dither control adds noise of sigma 1/255 in [0, 1] units (2/255 in [-1, 1])."""
+    x = torch.zeros(4, 3, 64, 64)
+    out = HACKS["dither"](x, torch.Generator().manual_seed(0))
+    assert (out - x).std().item() == pytest.approx(2 / 255, rel=0.05)

@@ -115,12 +115,81 @@ def _rollouts():
     return model, r
 
 
-def _update(model, r, advantages, w, cfg):
+def _update(model, r, advantages, w, cfg, reference=None):
     """The update phase on the rollouts `r` with these advantages and one RL weight `w` for all."""
     samples = loop.EpochSamples(torch.arange(2), r, torch.zeros(1, 4), advantages, torch.full((4,), w),
                                 torch.full((2,), w))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loop.train_on_rollouts(model, optimizer, samples, pick(cfg), cfg, torch.Generator().manual_seed(2))
+    loop.train_on_rollouts(model, optimizer, samples, pick(cfg), cfg, torch.Generator().manual_seed(2), reference)
+
+
+def _kl(model, reference, r, eta=1.0):
+    """Mean KL between the model's and the reference's Gaussian steps over the stochastic steps."""
+    from pipeline.rl.objectives import policy_step
+    from pipeline.rl.policy import gaussian_kl
+
+    idx = torch.arange(r.lq.shape[0])
+    with torch.no_grad():
+        return sum(float(gaussian_kl(policy_step(model, r, s, idx, eta).mean, policy_step(reference, r, s, idx, eta).mean,
+                                     r.stds[s]).mean()) for s in r.mask.nonzero().flatten().tolist())
+
+
+def test_kl_term_pulls_the_model_back_to_the_reference():
+    """With zero advantages and no SFT term the loss is kl_beta * KL alone: the update moves a
+    drifted model towards the frozen SFT model, never away from it."""
+    import copy
+
+    base, r = _rollouts()
+    cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "kl_beta": 100.0, "minibatch": 4,
+                           "train_step_fraction": 1.0, "lr": 1e-4, "difficulty": {"weighting": "rl_only"}}).rl
+    assert pick(cfg).needs_reference
+    reference = base.reference()
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.unet.conv_out.weight.add_(0.05 * torch.randn(model.unet.conv_out.weight.shape,
+                                                           generator=torch.Generator().manual_seed(3)))
+    before = _kl(model, reference, r)
+    assert before > 0
+    _update(model, r, torch.zeros(4, 4), 1.0, cfg, reference)
+    assert _kl(model, reference, r) < before
+
+
+def test_each_rollout_gets_the_rl_weight_of_its_own_image():
+    """The sampling phase repeats each image's weight over its G rollouts, in rollout order."""
+    from pipeline.data.dataset import PairedSplit
+
+    torch.manual_seed(0)
+    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    noise = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.4, 0.8])[:, None, None, None]
+    lq = (gt + noise * torch.randn(gt.shape, generator=g)).clamp(-1, 1)
+    train = PairedSplit(gt, lq, [{"task": "a", "id": str(i)} for i in range(6)])
+    pool = loop.Pool(train, torch.arange(6), torch.zeros(6))
+    params = smoke_params(rl={"images_per_epoch": 4, "group_size": 3, "steps": 3, "reward_steps": [3],
+                              "difficulty": {"q_lo": 0.0, "q_hi": 1.0}})
+
+    def closeness(images, gt):  # a stand-in reward: the further from GT, the harder
+        return -100 * (images - gt).abs().mean(dim=(1, 2, 3))
+
+    tracker = DifficultyTracker(torch.linspace(0, 200, 201))
+    samples = loop.sample_epoch(model, pool, closeness, tracker, pick(params.rl), params, g)
+    w, per_image = samples.weights, samples.image_weights
+    assert len(set(per_image.tolist())) > 1, "the test needs images of different weights"
+    torch.testing.assert_close(w, per_image.repeat_interleave(3))
+    for j in range(12):  # rollout j restores image picked[j // 3]
+        assert torch.equal(samples.rollouts.lq[j], lq[pool.index[samples.picked[j // 3]]])
+
+
+def test_selection_never_ships_an_epoch_that_lost_more_psnr_than_the_guard():
+    base_model, _ = _rollouts()
+    baseline = {"reward": -5.0, "psnr": 30.0}
+    best = loop.Selection(0, 0.0, baseline, loop.unet_weights(base_model))
+    hacked = loop.select(best, 1, loop.Validation(-4.0, 29.5), baseline, 0.3, base_model)
+    assert hacked is best, "a larger reward gain at -0.5 dB does not ship under a 0.3 dB guard"
+    kept = loop.select(best, 2, loop.Validation(-4.5, 29.8), baseline, 0.3, base_model)
+    assert (kept.epoch, kept.gain) == (2, 0.5)
+    assert loop.select(kept, 3, loop.Validation(-4.8, 30.1), baseline, 0.3, base_model) is kept, "smaller gain"
 
 
 @pytest.mark.parametrize("w, changed_term", [(0.0, "rl"), (1.0, "sft")])

@@ -50,3 +50,17 @@ def test_resume_state_for_other_params_is_ignored(workspace):
                           objects={}, generator=g, stats={"loss": [1.0] * 30})
     out = run_tool([str(BIN / "restorl"), "sft"], workspace)
     assert "starting fresh" in out.stdout and "resuming" not in out.stdout
+
+
+def test_resume_state_for_other_data_is_ignored(workspace):
+    """Same params, other prepared data (the manifest changed): the killed run's state is not resumed."""
+    import json
+
+    _params(workspace)
+    state = workspace / "checkpoints/resume/sft/state.pt"
+    assert kill_mid_run([str(BIN / "restorl"), "sft"], workspace, state) > 0
+    manifest = workspace / "data/prepared/manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"note": "re-prepared"}))
+    out = run_tool([str(BIN / "restorl"), "sft"], workspace)
+    assert "starting fresh" in out.stdout and "resuming" not in out.stdout
+
