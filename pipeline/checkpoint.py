@@ -17,11 +17,28 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_file
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.config import Params
 
 STATE_FILE = "state.pt"
+
+
+class DivergedError(UserError):
+    """A training loss became NaN or infinite; nothing was saved or registered."""
+
+
+def ensure_finite(loss: torch.Tensor, stage: str, step: str, resume_dir: Path) -> None:
+    """Stop at the first non-finite loss, naming the stage, the step and the last good resume
+    state, before the optimiser applies it (a diverged model must never be saved)."""
+    if bool(torch.isfinite(loss).all()):
+        return
+    state = Path(resume_dir) / STATE_FILE
+    last = (f"the last good state is {state} (step {torch.load(state, weights_only=False)['step']})"
+            if state.exists() else f"no resume state was saved yet ({state})")
+    raise DivergedError(f"{stage}: the loss is {float(loss.detach().float().mean())} at {step}; nothing was "
+                        f"saved or registered; {last}. Lower the learning rate or check the data.")
 
 
 def file_hash(*paths: Path) -> str:

@@ -50,3 +50,25 @@ def test_unknown_part_names_fail_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "rl.step_credit: unknown 'gae'; known: ['coca', 'next_checkpoint', 'terminal']" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_diverging_sft_stops_at_the_first_non_finite_loss(tmp_path, prepared_smoke):
+    """A learning rate far too high: exit 2 naming the stage, the step and the last good resume
+    state; no model saved, none registered."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    shutil.copytree(prepared_smoke / "data", tmp_path / "data")
+    raw = smoke_raw()
+    raw["sft"] |= {"lr": 1e30, "steps": 40, "checkpoint_every": 2}
+    write_params(tmp_path, raw)
+    proc = run_tool([str(BIN / "restorl"), "sft"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sft: the loss is" in proc.stderr and "nothing was saved or registered" in proc.stderr
+    assert "the last good state is checkpoints/resume/sft/state.pt (step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints/sft").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_model_versions("name='restorer'") == []
+

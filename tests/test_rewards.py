@@ -140,6 +140,15 @@ def test_reward_stage_trains_and_reports_checks(workspace):
     assert 0 <= saved["gt_above_lq"] <= 1 and isinstance(saved["passed"], bool)
     assert RewardModel.load(workspace / "checkpoints/reward")(torch.zeros(1, 3, 32, 32)).shape == (1,)
 
+    # A diverging run (a learning rate far too high) stops at its first non-finite loss and
+    # leaves the model it replaced alone.
+    from pipeline.checkpoint import DivergedError
+
+    before = (workspace / "checkpoints/reward/model.safetensors").read_bytes()
+    with pytest.raises(DivergedError, match=r"reward: the loss is (nan|inf) at step \d+; nothing was saved"):
+        reward.run(smoke_params(reward={"lr": 1e30}), workspace)
+    assert (workspace / "checkpoints/reward/model.safetensors").read_bytes() == before
+
 
 def test_reward_weights_that_do_not_fit_the_model_name_the_folder(tmp_path):
     import json

@@ -154,6 +154,20 @@ def test_kl_term_pulls_the_model_back_to_the_reference():
     assert _kl(model, reference, r) < before
 
 
+def test_a_non_finite_rl_loss_stops_the_update_before_the_step():
+    import copy
+
+    from pipeline.checkpoint import DivergedError
+
+    base, r = _rollouts()
+    cfg = smoke_params(rl={"objective": "ppo", "steps": 4, "reward_steps": [4], "minibatch": 4, "lr": 1e-3}).rl
+    model = copy.deepcopy(base)
+    with pytest.raises(DivergedError, match=r"rl: the loss is nan at the update of epoch 1"):
+        _update(model, r, torch.full((4, 4), float("nan")), 1.0, cfg)
+    for name, value in base.unet.state_dict().items():  # the step was not taken
+        assert torch.equal(value, model.unet.state_dict()[name]), name
+
+
 def test_each_rollout_gets_the_rl_weight_of_its_own_image():
     """The sampling phase repeats each image's weight over its G rollouts, in rollout order."""
     from pipeline.data.dataset import PairedSplit

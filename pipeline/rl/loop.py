@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, RlConfig
 from pipeline.data.dataset import PairedSplit
 from pipeline.models.restorer import DiffusionRestorer
@@ -126,9 +128,11 @@ def per_step_advantages(rewards: torch.Tensor, r: Rollouts, parts: RlParts, cfg:
 
 def train_on_rollouts(model: DiffusionRestorer, optimizer: torch.optim.Optimizer, samples: EpochSamples,
                       parts: RlParts, cfg: RlConfig, generator: torch.Generator,
-                      reference: DiffusionRestorer | None = None, reward: Reward | None = None) -> UpdateLosses:
+                      reference: DiffusionRestorer | None = None, reward: Reward | None = None,
+                      epoch: int = 1, resume_dir: Path | None = None) -> UpdateLosses:
     """The update phase. `reference`: the frozen SFT model (when the parts need it); `reward`:
-    the differentiable reward (when the objective needs it)."""
+    the differentiable reward (when the objective needs it). A non-finite loss stops it before
+    the step is taken (`epoch` and `resume_dir` go into that error)."""
     r, w = samples.rollouts, samples.weights
     advantages = samples.advantages.to(r.lq.device) if samples.advantages is not None else None
     totals = {"loss_rl": 0.0, "loss_sft": 0.0, "kl": 0.0, "clip_frac": 0.0}
@@ -147,6 +151,7 @@ def train_on_rollouts(model: DiffusionRestorer, optimizer: torch.optim.Optimizer
             if cfg.regularizers:
                 per_sample = per_sample + terms.regularizers
             loss = per_sample.mean()
+            ensure_finite(loss, "rl", f"the update of epoch {epoch}", resume_dir or Path("checkpoints/resume/rl"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, atomic_file
+from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, flatten
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.data.degradations import DEGRADATIONS, degrade
@@ -75,6 +76,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             quality_loss = -F.logsigmoid(scores[quality[:, 0]] - scores[quality[:, 1]]).mean()
             hack_loss = -F.logsigmoid(scores[hacks[:, 0]] - scores[hacks[:, 1]]).mean()
             loss = quality_loss + cfg.hack_weight * hack_loss
+            ensure_finite(loss, "reward", f"step {step + 1}", paths.resume / "reward")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

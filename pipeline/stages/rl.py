@@ -81,7 +81,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         for epoch in bar:
             samples = loop.sample_epoch(s.model, s.pool, s.reward, s.tracker, picked, params, s.generator)
             losses = loop.train_on_rollouts(s.model, s.optimizer, samples, picked, cfg, s.generator,
-                                            s.reference, s.feedback)
+                                            s.reference, s.feedback, epoch + 1, resume_dir)
             result = loop.validate(s.model, s.reward, s.val, params)
             stats["best"] = loop.select(stats["best"], epoch + 1, result, stats["baseline"], cfg.psnr_guard, s.model)
             record = loop.epoch_record(epoch + 1, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,

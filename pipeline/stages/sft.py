@@ -64,6 +64,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             if cfg.augment:
                 gt, lq = random_dihedral(gt, lq, generator)
             loss = (model.sft_loss(gt, lq, generator, tasks=tasks) * weights[idx]).mean()
+            checkpoint.ensure_finite(loss, "sft", f"step {step + 1}", resume_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
