@@ -32,7 +32,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; on success it is renamed onto `target`."""
+    """Yield a temp path beside `target`; on success it is flushed to disk and renamed onto
+    `target`, so a crash leaves either the old file or the whole new one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
@@ -43,4 +44,6 @@ def atomic_file(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
     os.replace(tmp, target)

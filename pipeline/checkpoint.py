@@ -9,6 +9,7 @@ so a changed config never silently resumes a stale run.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,13 @@ def load_state(directory: Path, *, fingerprint: str, objects: dict[str, Any],
     path = Path(directory) / STATE_FILE
     if not path.exists():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or corrupt (a full disk, a copy cut short): never block re-runs
+        aside = path.with_name(STATE_FILE + ".unreadable")
+        os.replace(path, aside)
+        print(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); moved to {aside}; starting fresh")
+        return None
     if payload.get("fingerprint") != fingerprint:
         print(f"{path}: saved for other params or data; starting fresh")
         return None

@@ -64,3 +64,15 @@ def test_resume_state_for_other_data_is_ignored(workspace):
     out = run_tool([str(BIN / "restorl"), "sft"], workspace)
     assert "starting fresh" in out.stdout and "resuming" not in out.stdout
 
+
+def test_an_unreadable_resume_state_is_moved_aside_not_a_traceback(workspace):
+    """A state.pt cut short (a full disk, a kill mid-copy) must not block every re-run."""
+    state = workspace / "checkpoints/resume/sft/state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"PK\x03\x04 truncated")
+    write_params(workspace, smoke_raw())
+    out = run_tool([str(BIN / "restorl"), "sft"], workspace)
+    assert f"{state.relative_to(workspace)}: unreadable" in out.stdout and "starting fresh" in out.stdout
+    assert (state.parent / "state.pt.unreadable").read_bytes() == b"PK\x03\x04 truncated"
+    assert (workspace / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors").exists()
+
