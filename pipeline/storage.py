@@ -129,12 +129,15 @@ def _same_file(path: Path, obj: dict) -> bool:
     return hashlib.md5(path.read_bytes()).hexdigest() == etag
 
 
-def pyiqa_cache_dir(cfg: StorageConfig) -> Path:
-    if cfg.weights_dir:
+def pyiqa_cache_dir(cfg: StorageConfig | None = None) -> Path:
+    """The directory pyiqa's weight files are read from (pipeline/rewards/iqa.py passes it to
+    pyiqa) and `restorl weights sync` writes to: `storage.weights_dir`, else pyiqa's own cache
+    `<torch hub dir>/pyiqa` (~/.cache/torch/hub/pyiqa, or $TORCH_HOME/hub/pyiqa)."""
+    if cfg is not None and cfg.weights_dir:
         return Path(cfg.weights_dir).expanduser()
-    from pyiqa.utils.download_util import DEFAULT_CACHE_DIR
+    import torch.hub
 
-    return Path(DEFAULT_CACHE_DIR)
+    return Path(torch.hub.get_dir()) / "pyiqa"
 
 
 def sync_weights(cfg: StorageConfig, uri: str | None = None, dest: Path | None = None) -> dict[str, list[str]]:

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.rewards import iqa
+from pipeline.storage import pyiqa_cache_dir
 
 if TYPE_CHECKING:
     from pipeline.config import Params
@@ -130,7 +131,7 @@ def build_reward(weights: dict[str, float], device: torch.device, learned_path: 
 
 def load_reward(params: "Params", paths: "Paths", device: torch.device, differentiable: bool = False) -> Reward:
     """The RL reward (`rl.reward`) of a workspace: `learned` is the reward stage's model in
-    checkpoints/reward, pyiqa weights come from `storage.weights_dir`."""
-    weights_dir = Path(params.storage.weights_dir) if params.storage.weights_dir else None
-    return build_reward(params.rl.reward, device, learned_path=paths.reward_model, weights_dir=weights_dir,
+    checkpoints/reward, pyiqa weights come from `storage.weights_dir` (else pyiqa's cache)."""
+    return build_reward(params.rl.reward, device, learned_path=paths.reward_model,
+                        weights_dir=pyiqa_cache_dir(params.storage),
                         differentiable=differentiable, probe_size=params.prepare.patch_size)

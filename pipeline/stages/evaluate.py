@@ -31,6 +31,7 @@ from pipeline.paths import Paths
 from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.scorers import build_reward
+from pipeline.storage import pyiqa_cache_dir
 
 SECTIONS = ["evaluate"]
 
@@ -52,7 +53,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         if paths.reward_model.exists():
             learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
             scorers["reward"] = lambda images: learned(images.to(device))
-        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers)
+        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers,
+                                weights_dir=pyiqa_cache_dir(params.storage))
         metrics["sampling"] = cfg.sampling.model_dump()
         with atomic_file(paths.metrics / "evaluate.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
@@ -66,21 +68,24 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
 
 def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],
-                  nr_metrics: list[str], scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> dict:
+                  nr_metrics: list[str], scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                  weights_dir: Path | None = None) -> dict:
     """Mean of each metric per output row, overall and per task; GT gets the NR metrics.
 
-    `scorers`: further no-reference scores by name (higher is better), e.g. the learned reward.
+    `scorers`: further no-reference scores by name (higher is better), e.g. the learned reward;
+    `weights_dir`: where pyiqa's weight files lie (None: pyiqa's cache).
     """
     scorers = scorers or {}
 
     def no_reference(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = {m: iqa.score(m, images) for m in nr_metrics}
+        scores = {m: iqa.score(m, images, weights_dir=weights_dir) for m in nr_metrics}
         with torch.no_grad():
             return scores | {name: fn(images).cpu() for name, fn in scorers.items()}
 
     per_image: dict[str, dict[str, torch.Tensor]] = {}
     for row, images in outputs.items():
-        per_image[row] = {m: iqa.score(m, images, data.gt) for m in fr_metrics} | no_reference(images)
+        full_reference = {m: iqa.score(m, images, data.gt, weights_dir=weights_dir) for m in fr_metrics}
+        per_image[row] = full_reference | no_reference(images)
     per_image["gt"] = no_reference(data.gt)
 
     def means(mask: torch.Tensor) -> dict:

@@ -35,6 +35,7 @@ from pipeline.model_registry import CHALLENGER, CHAMPION, alias_version, set_ali
 from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
 from pipeline.rewards import iqa
+from pipeline.storage import pyiqa_cache_dir
 
 SECTIONS = ["promote", "evaluate"]
 FIDELITY = ("psnr", "ssim")
@@ -126,11 +127,11 @@ def score_version(name: str, version: str, test: PairedSplit, params: Params, de
         raise PromotionError(f"{name} v{version}: cannot load its pyfunc model: {err}") from None
     restored = restore_split(model, test, params, progress=True).to(device)
     gt = test.gt.to(device)
-    reward = params.promote.reward
+    reward, weights_dir = params.promote.reward, pyiqa_cache_dir(params.storage)
     try:
         ref = gt if iqa.needs_reference(reward) else None
-        figures = {"reward": float(iqa.score(reward, restored, ref).mean())}
-        figures |= {m: float(iqa.score(m, restored, gt).mean()) for m in FIDELITY}
+        figures = {"reward": float(iqa.score(reward, restored, ref, weights_dir=weights_dir).mean())}
+        figures |= {m: float(iqa.score(m, restored, gt, weights_dir=weights_dir).mean()) for m in FIDELITY}
     except iqa.MetricError as err:
         raise PromotionError(f"{name} v{version}: figures missing, refusing to decide: {err}") from None
     bad = [m for m, v in figures.items() if not math.isfinite(v)]
