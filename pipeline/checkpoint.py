@@ -2,7 +2,7 @@
 
 A state file holds the step, every `state_dict`-bearing object (model, optimiser, LR
 schedule, EMA), all RNG states and any running statistics, plus a fingerprint of the inputs.
-A state whose fingerprint differs from the current run's (other params or data) is ignored,
+A state whose fingerprint differs from the current run's (other params, data or code) is ignored,
 so a changed config never silently resumes a stale run.
 """
 
@@ -52,9 +52,10 @@ def file_hash(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(params: "Params", sections: list[str], inputs: list[Path]) -> str:
-    """What a resumable state depends on: the params sections the stage reads and its input files."""
-    return f"{params.section_hash(*sections)}-{file_hash(*inputs)}"
+def fingerprint(params: "Params", sections: list[str], inputs: list[Path], code: str) -> str:
+    """What a resumable state depends on: the params sections the stage reads, its input files
+    and its code (`code`: pipeline.stage_code.code_hash of the stage)."""
+    return f"{params.section_hash(*sections)}-{file_hash(*inputs)}-{code}"
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def load_state(directory: Path, *, fingerprint: str, objects: dict[str, Any],
         print(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]}); moved to {aside}; starting fresh")
         return None
     if payload.get("fingerprint") != fingerprint:
-        print(f"{path}: saved for other params or data; starting fresh")
+        print(f"{path}: saved for other params, data or code; starting fresh")
         return None
     for name, obj in objects.items():
         obj.load_state_dict(payload["objects"][name])

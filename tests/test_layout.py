@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 from pipeline.config import Params, flatten, load_params
+from pipeline.stage_code import closure, imported_modules
 from tests.conftest import REPO
-from tests.test_dvc_deps import closure, imported_modules
 
 CODE = [p for folder in ("pipeline", "flows", "bench") for p in (REPO / folder).rglob("*.py")]
 
@@ -30,7 +30,7 @@ def test_only_the_cli_imports_stages():
 def test_the_schema_imports_no_part():
     """config.py is the lowest layer: validating params loads neither torch nor the RL parts, and
     no module it imports imports it back."""
-    imported = closure({"pipeline.config"})
+    imported = closure({"pipeline.config"}, REPO)
     assert {str(p.relative_to(REPO)) for p in imported} == {
         "pipeline/__init__.py", "pipeline/config.py", "pipeline/errors.py"}
 

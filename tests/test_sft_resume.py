@@ -76,3 +76,28 @@ def test_an_unreadable_resume_state_is_moved_aside_not_a_traceback(workspace):
     assert (state.parent / "state.pt.unreadable").read_bytes() == b"PK\x03\x04 truncated"
     assert (workspace / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors").exists()
 
+
+
+def test_resume_state_of_other_code_is_ignored(workspace, monkeypatch):
+    """Same params and data, but the code the stage runs changed (as after a `git pull`): the
+    killed run's state is not resumed. The stage runs from a copy of the package, edited between
+    the two runs."""
+    import shutil
+    import sys
+
+    from tests.conftest import REPO
+
+    code = workspace.parent / f"{workspace.name}-code"
+    shutil.copytree(REPO / "pipeline", code / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("PYTHONPATH", str(code))
+    args = [sys.executable, "-m", "pipeline.cli", "sft"]
+    where = run_tool([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], workspace).stdout
+    assert where.strip() == str(code / "pipeline" / "__init__.py"), "the copy is the code that runs"
+
+    _params(workspace)
+    state = workspace / "checkpoints/resume/sft/state.pt"
+    assert kill_mid_run(args, workspace, state) > 0
+    restorer = code / "pipeline" / "models" / "restorer.py"  # code the sft stage runs
+    restorer.write_text(restorer.read_text() + "\n# a change to the sampler's module\n")
+    out = run_tool(args, workspace)
+    assert "saved for other params, data or code" in out.stdout and "resuming" not in out.stdout

@@ -35,6 +35,7 @@ from pipeline.rewards.scorers import Reward, load_reward
 from pipeline.rl import loop, parts
 from pipeline.rl.difficulty import DifficultyTracker
 from pipeline.rl.difficulty_table import read_table
+from pipeline.stage_code import code_hash
 
 SECTIONS = ["rl", "score"]
 
@@ -61,7 +62,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     s = setup(params, paths, picked, device)
     resume_dir = paths.resume / "rl"
     fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime", "evaluate"],
-                                         [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model])
+                                         [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model],
+                                         code_hash("rl"))
     resumable = {"model": s.model, "optimizer": s.optimizer, "tracker": s.tracker}
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=s.generator)
     if resumed:

@@ -27,6 +27,7 @@ from pipeline.device import setup_runtime
 from pipeline.model_registry import register_restorer
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
+from pipeline.stage_code import code_hash
 
 SECTIONS = ["model", "sft"]
 
@@ -47,7 +48,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     resumable = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule} | ({"ema": ema} if ema else {})
 
     resume_dir = paths.resume / "sft"
-    fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime"], [paths.manifest])
+    fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime"], [paths.manifest], code_hash("sft"))
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=generator)
     start, history = resumed if resumed else (0, {"loss": []})
     if resumed:
