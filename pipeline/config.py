@@ -337,7 +337,7 @@ class RlConfig(Section):
     """
 
     # Seed of this stage's generator (image draws, rollout noise, minibatches); None: runtime.seed.
-    # Varies RL alone: runtime.seed would also redo prepare and sft (bench/ablation.py).
+    # Varies RL alone: runtime.seed would also redo prepare and sft (`restorl ablate`).
     seed: int | None = None
     epochs: int = Field(8, ge=1)
     images_per_epoch: int = Field(8, ge=1, description="LQ images rolled out per epoch")
