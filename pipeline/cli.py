@@ -25,12 +25,14 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> No
     the part names it uses before any work)."""
     from pipeline.config import load_params
     from pipeline.storage import require_tracking_server
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import configure, tracking_uri
 
     try:
         cfg = load_params(params_file, profile)
-        # Before any work: an unreachable tracking server fails in seconds, naming its URI.
+        # Before any work: an unreachable tracking server fails in seconds, naming its URI, and
+        # the experiment must exist (it is created) and not be deleted.
         require_tracking_server(tracking_uri(cfg))
+        configure(cfg)
         stage(cfg)
     except USER_ERRORS as err:
         _fail(err)

@@ -146,6 +146,10 @@ class PrepareConfig(Section):
 # model / sft / evaluate
 
 
+# GroupNorm groups of the UNet restorl builds (pipeline/models/restorer.py).
+NORM_GROUPS = 8
+
+
 class ModelConfig(Section):
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
@@ -163,6 +167,15 @@ class ModelConfig(Section):
     # ready pairs all share the task `pairs`.
     task_conditioning: bool = True
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _divisible_by_norm_groups(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [c for c in v if c < 1 or c % NORM_GROUPS]
+        if not v or bad:
+            raise ValueError(f"{list(bad) or 'no blocks'}: every block needs a positive channel count divisible by "
+                             f"the UNet's {NORM_GROUPS} norm groups")
+        return v
 
 
 class SamplingConfig(Section):
@@ -384,6 +397,9 @@ class RlConfig(Section):
     # val reward gain over SFT among those whose PSNR fell by at most psnr_guard dB ships.
     val_images: int = Field(24, ge=1)
     psnr_guard: float = Field(0.3, ge=0)
+    # RL refuses a learned reward that failed its held-out checks (metrics/reward.json) unless
+    # this is true; an override is tagged on the RL run (restorl.reward_checks_failed).
+    allow_failed_reward_checks: bool = False
 
     @field_validator("regularizers")
     @classmethod
@@ -444,6 +460,13 @@ class StorageConfig(Section):
     weights_uri: str | None = None
     # Local pyiqa weight cache; None: pyiqa's default (~/.cache/torch/hub/pyiqa).
     weights_dir: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' needs its scheme, e.g. http://127.0.0.1:9000 or https://s3.example.com")
+        return v
 
     @field_validator("weights_uri")
     @classmethod

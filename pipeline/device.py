@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from pipeline.config import RuntimeConfig
+from pipeline.config import ConfigError, RuntimeConfig
 
 
 def setup_runtime(cfg: RuntimeConfig) -> torch.device:
@@ -19,7 +19,7 @@ def setup_runtime(cfg: RuntimeConfig) -> torch.device:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but torch sees no CUDA device")
+        raise ConfigError("runtime.device is 'cuda' but torch sees no CUDA device here; use auto or cpu")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
 

@@ -16,7 +16,12 @@ import mlflow
 
 from pipeline.commands import PARENT_RUN_ENV, CommandError, git
 from pipeline.config import Params, flatten
+from pipeline.errors import UserError
 from pipeline.paths import Paths
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot take this run (e.g. its experiment is deleted)."""
 
 
 def tracking_uri(params: Params, root: Path = Path(".")) -> str:
@@ -30,6 +35,10 @@ def configure(params: Params, root: Path = Path(".")) -> str:
     mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
     experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment '{name}' (tracking.experiment) is deleted in {uri}; restore it "
+                            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or "
+                            "name another experiment")
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside it; a server decides for itself.

@@ -1,5 +1,7 @@
 """The CLI turns user errors into one clear message and exit code 2, with no partial output."""
 
+import pytest
+
 from tests.conftest import BIN, run_tool, smoke_raw, write_params
 
 
@@ -71,4 +73,31 @@ def test_diverging_sft_stops_at_the_first_non_finite_loss(tmp_path, prepared_smo
     assert not (tmp_path / "checkpoints/sft").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_model_versions("name='restorer'") == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"block_out_channels": [12, 16, 16]}}, "model.block_out_channels: [12]: every block needs"),
+    ({"storage": {"endpoint_url": "127.0.0.1:9000"}}, "storage.endpoint_url: '127.0.0.1:9000' needs its scheme"),
+    ({"runtime": {"device": "cuda"}}, "runtime.device is 'cuda' but torch sees no CUDA device"),
+    ("deleted experiment", "MLflow experiment 'restorl' (tracking.experiment) is deleted in sqlite:///"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, change, message):
+    from pipeline.config import deep_merge
+
+    if change == "deleted experiment":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client.delete_experiment(client.create_experiment("restorl"))
+        change = {}
+    if change.get("runtime", {}).get("device") == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+    write_params(tmp_path, deep_merge(smoke_raw(), change))
+    proc = run_tool([str(BIN / "restorl"), "sft"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 

@@ -227,3 +227,13 @@ def test_dither_control_is_one_grey_level():
     x = torch.zeros(4, 3, 64, 64)
     out = HACKS["dither"](x, torch.Generator().manual_seed(0))
     assert (out - x).std().item() == pytest.approx(2 / 255, rel=0.05)
+
+
+def test_reward_check_failures_name_each_failed_check():
+    from pipeline.rewards.checks import failures
+
+    ok = {"gt_above_lq": 0.96, "gt_above_sft": 0.8, "mean": {"sft": -1.0}, "hack_mean": {"blur": -2.0}}
+    assert failures(ok) == []
+    bad = ok | {"gt_above_sft": 0.75, "hack_mean": {"blur": -2.0, "unsharp": -0.5}}
+    assert failures(bad) == ["gt_above_sft 0.750 < 0.8", "hack unsharp -0.5 above the SFT output's -1"]
+

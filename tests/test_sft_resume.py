@@ -6,11 +6,14 @@ from safetensors.torch import load_file
 from tests.conftest import BIN, kill_mid_run, run_tool, smoke_raw, write_params
 
 
-def _params(root):
+def _params(root, **sft):
     raw = smoke_raw()
     # Enough steps that a kill lands mid-run; checkpoints every few steps.
-    raw["sft"] |= {"steps": 40, "checkpoint_every": 5, "batch_size": 16}
+    raw["sft"] |= {"steps": 40, "checkpoint_every": 5, "batch_size": 16} | sft
     write_params(root, raw)
+
+
+SHORT = {"steps": 20, "checkpoint_every": 2, "batch_size": 4}  # where only "resumed or not" matters
 
 
 def _weights(root):
@@ -56,7 +59,7 @@ def test_resume_state_for_other_data_is_ignored(workspace):
     """Same params, other prepared data (the manifest changed): the killed run's state is not resumed."""
     import json
 
-    _params(workspace)
+    _params(workspace, **SHORT)
     state = workspace / "checkpoints/resume/sft/state.pt"
     assert kill_mid_run([str(BIN / "restorl"), "sft"], workspace, state) > 0
     manifest = workspace / "data/prepared/manifest.json"
@@ -94,7 +97,7 @@ def test_resume_state_of_other_code_is_ignored(workspace, monkeypatch):
     where = run_tool([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], workspace).stdout
     assert where.strip() == str(code / "pipeline" / "__init__.py"), "the copy is the code that runs"
 
-    _params(workspace)
+    _params(workspace, **SHORT)
     state = workspace / "checkpoints/resume/sft/state.pt"
     assert kill_mid_run(args, workspace, state) > 0
     restorer = code / "pipeline" / "models" / "restorer.py"  # code the sft stage runs

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from pipeline.config import ModelConfig
+from pipeline.config import NORM_GROUPS, ModelConfig
 from pipeline.device import autocast
 
 META_FILE = "restorl.json"
@@ -68,7 +68,7 @@ class DiffusionRestorer(torch.nn.Module):
         unet = UNet2DModel(
             in_channels=6, out_channels=3, block_out_channels=cfg.block_out_channels,
             layers_per_block=cfg.layers_per_block, down_block_types=("DownBlock2D",) * n,
-            up_block_types=("UpBlock2D",) * n, norm_num_groups=8,
+            up_block_types=("UpBlock2D",) * n, norm_num_groups=NORM_GROUPS,
             num_class_embeds=len(tasks) if tasks else None,
         )
         # A zero output layer makes the untrained model predict "no change" for the sample

@@ -41,6 +41,7 @@ from pipeline.models.restorer import DiffusionRestorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
+from pipeline.rewards.checks import failures
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.iqa import psnr
 
@@ -139,6 +140,5 @@ def reward_checks(model: RewardModel, val: PairedSplit, val_sft: torch.Tensor, g
         "mean": {"gt": float(gt.mean()), "sft": float(sft.mean()), "lq": float(lq.mean())},
         "hack_mean": hacks,
     }
-    result["passed"] = bool(result["gt_above_lq"] >= 0.95 and result["gt_above_sft"] >= 0.80
-                            and all(v <= result["mean"]["sft"] for v in hacks.values()))
+    result["passed"] = not failures(result)
     return result

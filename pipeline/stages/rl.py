@@ -31,6 +31,7 @@ from pipeline.device import setup_runtime
 from pipeline.model_registry import register_restorer
 from pipeline.models.restorer import DiffusionRestorer
 from pipeline.paths import Paths
+from pipeline.rewards.checks import require_passed
 from pipeline.rewards.scorers import Reward, load_reward
 from pipeline.rl import loop, parts
 from pipeline.rl.difficulty import DifficultyTracker
@@ -58,6 +59,8 @@ class Setup:
 def run(params: Params, root: Path = Path(".")) -> dict:
     cfg, paths = params.rl, Paths(root)
     picked = parts.pick(cfg)
+    reward_failures = require_passed(paths.metrics / "reward.json", cfg.allow_failed_reward_checks) \
+        if "learned" in cfg.reward else []
     device = setup_runtime(params.runtime)
     s = setup(params, paths, picked, device)
     resume_dir = paths.resume / "rl"
@@ -77,6 +80,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     with tracking.stage_run("rl", params, SECTIONS, root) as active:
         mlflow.set_tag("restorl.resumed_from_epoch", str(start))
+        if reward_failures:
+            mlflow.set_tag("restorl.reward_checks_failed", "; ".join(reward_failures)[:5000])
         mlflow.log_metrics({"val_reward": stats["baseline"]["reward"], "val_psnr": stats["baseline"]["psnr"]}, step=0)
         t0 = time.perf_counter()
         bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc="rl", unit="epoch")

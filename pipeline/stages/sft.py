@@ -53,6 +53,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     start, history = resumed if resumed else (0, {"loss": []})
     if resumed:
         print(f"sft: resuming from step {start} ({resume_dir})")
+        if ema:  # the state was loaded onto the CPU; the EMA's shadow weights follow the model
+            ema.to(device=device)
 
     with tracking.stage_run("sft", params, SECTIONS, root) as run:
         mlflow.set_tag("restorl.resumed_from_step", str(start))
