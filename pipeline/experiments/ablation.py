@@ -1,6 +1,6 @@
 """Every RL method on the same data, seeds and sample budget, as DVC experiments; one table.
 
-    restorl ablate [--methods NAME ...] [--seeds 0 1 2] [--epochs N] [--out ablation.md]
+    restorl ablate [--methods "NAME ..."] [--seeds "0 1 2"] [--epochs N] [--out ablation.md]
 
 Run in a workspace where the pipeline has run once (`restorl repro`) and whose dvc.yaml,
 dvc.lock and params.yaml are committed to Git: DVC experiments are based on the Git HEAD
