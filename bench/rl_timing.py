@@ -23,7 +23,8 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data.dataset import load_split
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
+from pipeline.models.restorer import Restorer
 from pipeline.paths import Paths
 from pipeline.rewards.scorers import load_reward
 from pipeline.rl import loop, parts
@@ -45,7 +46,7 @@ def main() -> None:
     picked = parts.pick(cfg)
     torch.set_num_threads(params.runtime.threads)
     train = load_split(paths.data, "train")
-    model = DiffusionRestorer.from_pretrained(paths.sft_model)
+    model = load_restorer(paths.sft_model)
     reference = model.reference() if picked.needs_reference else None
     reward = load_reward(params, paths, torch.device("cpu"))
     feedback = (load_reward(params, paths, torch.device("cpu"), differentiable=True)
@@ -93,7 +94,7 @@ def main() -> None:
           f"update / (passes x bare) = {med['update'] / (passes * med['bare']):.2f}")
 
 
-def bare_forward_backward(model: DiffusionRestorer, r, minibatch: int) -> float:
+def bare_forward_backward(model: Restorer, r, minibatch: int) -> float:
     """One UNet forward+backward on a recorded step's inputs, the unit the update is built of."""
     mb = torch.arange(min(minibatch, r.lq.shape[0]))
     tasks = [r.tasks[i] for i in mb.tolist()] if r.tasks else None

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from pipeline.data.dataset import load_split
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
 from pipeline.rewards.iqa import psnr
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = DiffusionRestorer.from_pretrained(args.checkpoint).eval()
+    model = load_restorer(args.checkpoint).eval()
     test = load_split("data/prepared", "test")
     base = psnr(test.lq, test.gt)
     tasks = sorted(set(test.tasks))

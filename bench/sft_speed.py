@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 
 
 def timed(fn, repeats: int) -> float:
@@ -36,7 +36,7 @@ def main() -> None:
     params = load_params(args.params, args.profile)
     runtime = params.runtime.model_copy(update={"threads": args.threads or params.runtime.threads})
     device = setup_runtime(runtime)
-    model = DiffusionRestorer.build(params.model).to(device)
+    model = PixelRestorer.build(params.model).to(device)
     size, batch = params.prepare.patch_size, params.sft.batch_size
     gt = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     lq = gt + 0.1 * torch.randn_like(gt)

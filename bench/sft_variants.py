@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 
 from pipeline.config import deep_merge, load_raw, validate
 from pipeline.data.dataset import load_split, random_dihedral, sample_weights
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 from pipeline.rewards.iqa import psnr
 
 SAMPLING_STEPS = (1, 2, 4, 10)
@@ -33,7 +33,7 @@ def train_and_score(override: dict, steps: int) -> dict:
     torch.set_num_threads(params.runtime.threads)
     torch.manual_seed(params.runtime.seed)
     train, test = load_split("data/prepared", "train"), load_split("data/prepared", "test")
-    model = DiffusionRestorer.build(params.model, train.tasks)
+    model = PixelRestorer.build(params.model, train.tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.sft.lr)
     schedule = get_scheduler(params.sft.lr_schedule, optimizer, num_warmup_steps=params.sft.warmup_steps,
                              num_training_steps=steps)

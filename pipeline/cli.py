@@ -186,6 +186,24 @@ def ablate(methods: Optional[list[str]] = typer.Option(
         raise typer.Exit(code)
 
 
+@app.command()
+def export(checkpoint: Path = typer.Argument(..., help="a restorl checkpoint, e.g. checkpoints/rl"),
+           out: Path = typer.Argument(..., help="folder to write (replaced atomically)"),
+           params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Merge a checkpoint's LoRA adapters into its base and write a plain diffusers folder."""
+    from pipeline.config import load_params
+    from pipeline.models.loading import export as export_folder
+    from pipeline.paths import Paths
+
+    try:
+        cfg = load_params(params, profile)
+        model = export_folder(checkpoint, out, cfg.storage, Paths(Path(".")).pretrained)
+    except USER_ERRORS as err:
+        _fail(err)
+    merged = [a["name"] for a in model.adapters]
+    typer.echo(f"export: {model.layout} model -> {out}" + (f" (adapters {', '.join(merged)} merged)" if merged else ""))
+
+
 weights_app = typer.Typer(no_args_is_help=True, help="pyiqa weight cache (for workers without internet).")
 app.add_typer(weights_app, name="weights")
 

@@ -41,6 +41,9 @@ class RuntimeConfig(Section):
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch CPU threads; set explicitly: two busy threads beside another process slow elementwise ops many-fold")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Forward passes of the restorer: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16
+    # trains with a gradient scaler (torch.amp.GradScaler), saved with the resume state.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class TrackingConfig(Section):
@@ -65,7 +68,7 @@ class SourceConfig(Section):
     face_count: int = Field(100, ge=3, le=100)
 
     @model_validator(mode="after")
-    def _path_matches_kind(self) -> "SourceConfig":
+    def _path_matches_kind(self) -> SourceConfig:
         if self.kind in ("folder", "pairs") and not self.path:
             raise ValueError(f"source.path is required when source.kind is '{self.kind}'")
         if self.kind == "skimage" and not self.images:
@@ -114,7 +117,7 @@ class PrepareConfig(Section):
                 "moon", "clock", "coins", "coffee", "chelsea", "camera"]
     )
     split: SplitConfig = SplitConfig(val=["coffee"], test=["chelsea", "camera"])
-    patch_size: int = Field(32, ge=16, description="multiple of 8 (three UNet down-samplings)")
+    patch_size: int = Field(32, ge=16, le=512, description="multiple of 8 (three UNet down-samplings)")
     patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 160, "val": 48, "test": 64})
     degradations: DegradationConfig = DegradationConfig(tasks={
         "gaussian_noise": TaskConfig(params={"sigma": (0.02, 0.06)}),
@@ -146,13 +149,31 @@ class PrepareConfig(Section):
 # model / sft / evaluate
 
 
-# GroupNorm groups of the UNet restorl builds (pipeline/models/restorer.py).
-NORM_GROUPS = 8
+class LoraConfig(Section):
+    """Low-rank adapters (peft) on the UNet: SFT and RL train only these."""
+
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0)
+    # Module names (suffixes) that get adapters: the convolutions of diffusers' ResnetBlock2D
+    # and the projections of its attention blocks.
+    target_modules: list[str] = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
 
 
 class ModelConfig(Section):
+    # A diffusers folder (local path or s3:// prefix) to start from instead of building a new
+    # UNet; its layout (pixel, ldm_sr, sd_upscale) is read from the folder (docs/layouts.md).
+    pretrained: str | None = None
+    layout: Literal["auto", "pixel", "ldm_sr", "sd_upscale"] = "auto"
+    prompt: str = ""  # sd_upscale: the text prompt, embedded once
+    noise_level: int = Field(20, ge=0)  # sd_upscale: noise added to the LQ, its class label
+    lora: LoraConfig | None = None  # null: fine-tune every UNet weight
+    # The architecture of a UNet restorl builds (pretrained: null).
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
+    norm_groups: int = Field(8, ge=1)  # GroupNorm groups; must divide every block's channels
+    attention_levels: tuple[int, ...] = ()  # indices of the blocks with self-attention
+    attention_head_dim: int = Field(8, ge=1)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     # diffusers' prediction_type: what the UNet outputs.
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "sample"
     # Diffuse the residual GT - LQ instead of GT itself (the output is LQ + sample).
@@ -168,14 +189,29 @@ class ModelConfig(Section):
     task_conditioning: bool = True
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
-    @field_validator("block_out_channels")
-    @classmethod
-    def _divisible_by_norm_groups(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        bad = [c for c in v if c < 1 or c % NORM_GROUPS]
-        if not v or bad:
-            raise ValueError(f"{list(bad) or 'no blocks'}: every block needs a positive channel count divisible by "
-                             f"the UNet's {NORM_GROUPS} norm groups")
-        return v
+    @model_validator(mode="after")
+    def _architecture(self) -> ModelConfig:
+        bad = [c for c in self.block_out_channels if c < 1 or c % self.norm_groups]
+        if not self.block_out_channels or bad:
+            raise ValueError(f"block_out_channels {list(bad) or 'is empty'}: every block needs a positive channel "
+                             f"count divisible by norm_groups ({self.norm_groups})")
+        outside = [i for i in self.attention_levels if not 0 <= i < len(self.block_out_channels)]
+        if outside:
+            raise ValueError(f"attention_levels {outside}: block indices run from 0 to "
+                             f"{len(self.block_out_channels) - 1}")
+        if self.lora is not None and self.pretrained is None:
+            raise ValueError("lora needs model.pretrained: adapters on a new, untrained UNet learn nothing a full "
+                             "fine-tune would not")
+        return self
+
+    def down_block_types(self) -> tuple[str, ...]:
+        return tuple("AttnDownBlock2D" if i in self.attention_levels else "DownBlock2D"
+                     for i in range(len(self.block_out_channels)))
+
+    def up_block_types(self) -> tuple[str, ...]:
+        """The decoder mirrors the encoder: up block i works at the resolution of down block n - 1 - i."""
+        return tuple("AttnUpBlock2D" if kind.startswith("Attn") else "UpBlock2D"
+                     for kind in reversed(self.down_block_types()))
 
 
 class SamplingConfig(Section):
@@ -272,7 +308,7 @@ class DifficultyConfig(Section):
     oversample: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ordered_quantiles(self) -> "DifficultyConfig":
+    def _ordered_quantiles(self) -> DifficultyConfig:
         if self.q_lo >= self.q_hi:
             raise ValueError(f"q_lo ({self.q_lo}) must be below q_hi ({self.q_hi})")
         return self
@@ -295,7 +331,7 @@ class NoiseLevelConfig(Section):
     max_scale: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "NoiseLevelConfig":
+    def _ordered(self) -> NoiseLevelConfig:
         if self.min_scale > self.max_scale:
             raise ValueError(f"min_scale ({self.min_scale}) must not exceed max_scale ({self.max_scale})")
         return self
@@ -319,7 +355,7 @@ class ReflConfig(Section):
     dwt_level: int = Field(1, ge=1, description="LL band of this decomposition level")
 
     @model_validator(mode="after")
-    def _ordered_windows(self) -> "ReflConfig":
+    def _ordered_windows(self) -> ReflConfig:
         if self.early_until > self.late_from:
             raise ValueError(f"early_until ({self.early_until}) must not exceed late_from ({self.late_from})")
         return self
@@ -424,7 +460,7 @@ class RlConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _checkpoints_within_steps(self) -> "RlConfig":
+    def _checkpoints_within_steps(self) -> RlConfig:
         ks = self.reward_steps
         if not ks or ks != sorted(set(ks)) or ks[0] < 1 or ks[-1] != self.steps:
             raise ValueError(f"reward_steps {ks} must be increasing step counts in [1, steps] ending "

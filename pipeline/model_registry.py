@@ -17,13 +17,28 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 
 
-def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str]) -> str:
+def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str],
+                      pretrained_cache: Path = Path(".restorl/pretrained")) -> str:
     """Log the checkpoint as a pyfunc model in the active run and register a new version,
-    tagged with `tags` and aliased `challenger`; returns the version."""
+    tagged with `tags`, the layout and the base it was fine-tuned from, and aliased
+    `challenger`; returns the version. A checkpoint of adapters is logged merged into its
+    base (fetched into `pretrained_cache` when it is on S3): the registered model loads without it."""
+    import tempfile
+
+    from pipeline.models.loading import export, read_meta
     from pipeline.models.pyfunc import log_restorer
 
     name = params.tracking.registered_model
-    info = log_restorer(checkpoint, registered_model_name=name)
+    meta = read_meta(checkpoint) or {}
+    base = meta.get("base") or {}
+    tags = tags | {"restorl.layout": meta.get("layout", "pixel"), "restorl.base_uri": base.get("uri", ""),
+                   "restorl.base_hash": base.get("hash", ""),
+                   "restorl.adapters": ",".join(a["name"] for a in meta.get("adapters", []))}
+    with tempfile.TemporaryDirectory(prefix="restorl-merged-") as tmp:
+        if meta.get("adapters"):
+            export(checkpoint, Path(tmp) / "merged", params.storage, pretrained_cache)
+            checkpoint = Path(tmp) / "merged"
+        info = log_restorer(checkpoint, registered_model_name=name)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in tags.items():

@@ -50,6 +50,11 @@ class Paths:
         return self.root / "plots"
 
     @property
+    def pretrained(self) -> Path:
+        # s3:// bases (model.pretrained) mirrored locally, one folder per URI.
+        return self.root / ".restorl" / "pretrained"
+
+    @property
     def run_info(self) -> Path:
         # Which MLflow run each stage logged to (<stage>.json), for the flow's stage summaries.
         return self.root / ".restorl" / "runs"

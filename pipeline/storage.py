@@ -149,16 +149,20 @@ def sync_weights(cfg: StorageConfig, uri: str | None = None, dest: Path | None =
     uri = uri or cfg.weights_uri
     if not uri:
         raise StorageError("storage.weights_uri is not set (an s3://bucket/prefix of pyiqa weights)")
-    endpoint = endpoint_url(cfg)
-    dest = Path(dest) if dest else pyiqa_cache_dir(cfg)
+    return mirror_prefix(uri, Path(dest) if dest else pyiqa_cache_dir(cfg), endpoint_url(cfg))
+
+
+def mirror_prefix(uri: str, dest: Path, endpoint: str | None) -> dict[str, list[str]]:
+    """Copy every object under `uri` into `dest` (keys relative to the prefix), skipping files
+    already there with the same size/MD5; each download lands under a temp name and is renamed."""
     bucket, prefix = split_s3_uri(uri)
     objects = list_objects(uri, endpoint)
     if not objects:
-        raise StorageError(f"{uri}: no weight files under this prefix at {_where(endpoint)}")
+        raise StorageError(f"{uri}: no objects under this prefix at {_where(endpoint)}")
     client, done = s3_client(endpoint), {"downloaded": [], "unchanged": []}
     for obj in objects:
         rel = obj["Key"][len(prefix):].lstrip("/")
-        target = dest / rel
+        target = Path(dest) / rel
         if _same_file(target, obj):
             done["unchanged"].append(rel)
             continue

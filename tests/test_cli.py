@@ -76,7 +76,7 @@ def test_diverging_sft_stops_at_the_first_non_finite_loss(tmp_path, prepared_smo
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": {"block_out_channels": [12, 16, 16]}}, "model.block_out_channels: [12]: every block needs"),
+    ({"model": {"block_out_channels": [12, 16, 16]}}, "model: block_out_channels [12]: every block needs a positive channel count divisible by norm_groups (8)"),
     ({"storage": {"endpoint_url": "127.0.0.1:9000"}}, "storage.endpoint_url: '127.0.0.1:9000' needs its scheme"),
     ({"runtime": {"device": "cuda"}}, "runtime.device is 'cuda' but torch sees no CUDA device"),
     ("deleted experiment", "MLflow experiment 'restorl' (tracking.experiment) is deleted in sqlite:///"),

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.data.dataset import load_split
 from pipeline.model_registry import register_restorer
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 from pipeline.paths import Paths
 from pipeline.rewards import iqa
 from pipeline.stages import promote as promote_stage
@@ -46,7 +46,7 @@ def store(workspace, empty_db, monkeypatch):
 def register(root, kind: str) -> str:
     """Register a restorer that returns the LQ ("identity") or LQ plus structured noise ("noisy")."""
     params = smoke_params()
-    model = DiffusionRestorer.build(params.model)
+    model = PixelRestorer.build(params.model)
     if kind == "noisy":
         torch.nn.init.normal_(model.unet.conv_out.weight, std=0.3, generator=torch.Generator().manual_seed(0))
     ckpt = root / "checkpoints" / kind

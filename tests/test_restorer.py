@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
+from pipeline.models.restorer import PixelRestorer
 from tests.conftest import smoke_params
 
 
 def _model(**model_cfg):
     torch.manual_seed(0)
-    return DiffusionRestorer.build(smoke_params(model=model_cfg).model)
+    return PixelRestorer.build(smoke_params(model=model_cfg).model)
 
 
 def _batch(n=2, size=16):
@@ -91,7 +92,7 @@ def test_save_and_load_round_trip(tmp_path):
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt/unet/diffusion_pytorch_model.safetensors").exists()
-    loaded = DiffusionRestorer.from_pretrained(tmp_path / "ckpt")
+    loaded = load_restorer(tmp_path / "ckpt")
     _, lq = _batch()
     with torch.no_grad():
         a = model.sample(lq, 3, 0.0, torch.Generator().manual_seed(0)).image
@@ -101,7 +102,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_from_pretrained_rejects_a_non_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a restorl checkpoint"):
-        DiffusionRestorer.from_pretrained(tmp_path)
+        load_restorer(tmp_path)
 
 
 def test_reference_is_a_frozen_copy():
@@ -115,7 +116,7 @@ def test_reference_is_a_frozen_copy():
 
 def test_task_conditioned_model_needs_known_task_names(tmp_path):
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, tasks=["jpeg", "gaussian_noise", "jpeg"])
+    model = PixelRestorer.build(smoke_params().model, tasks=["jpeg", "gaussian_noise", "jpeg"])
     assert model.tasks == ["gaussian_noise", "jpeg"]
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     _, lq = _batch()
@@ -128,11 +129,11 @@ def test_task_conditioned_model_needs_known_task_names(tmp_path):
         b = model.sample(lq, 2, generator=torch.Generator().manual_seed(0), tasks=["gaussian_noise"] * 2).image
     assert not torch.allclose(a, b), "the task label must change the restoration"
     model.save_pretrained(tmp_path / "ckpt")
-    assert DiffusionRestorer.from_pretrained(tmp_path / "ckpt").tasks == ["gaussian_noise", "jpeg"]
+    assert load_restorer(tmp_path / "ckpt").tasks == ["gaussian_noise", "jpeg"]
 
 
 def test_task_conditioning_can_be_switched_off():
-    model = DiffusionRestorer.build(smoke_params(model={"task_conditioning": False}).model, tasks=["jpeg"])
+    model = PixelRestorer.build(smoke_params(model={"task_conditioning": False}).model, tasks=["jpeg"])
     assert model.tasks is None and model.unet.class_embedding is None
 
 

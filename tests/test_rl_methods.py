@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import PROFILES_DIR, ConfigError, deep_merge, load_raw, read_yaml
 from pipeline.data.dataset import load_split
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.part_names import validate
 from pipeline.paths import Paths
@@ -46,7 +46,7 @@ def method_raw(name: str, **overrides) -> dict:
 def _rollouts(prediction_type: str = "sample", steps: int = 4):
     torch.manual_seed(0)
     model_cfg = smoke_params(model={"prediction_type": prediction_type}).model
-    model = DiffusionRestorer.build(model_cfg, tasks=["a"])
+    model = PixelRestorer.build(model_cfg, tasks=["a"])
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     lq = torch.rand(2, 3, 16, 16) * 2 - 1
     gt = (lq + 0.1).clamp(-1, 1)
@@ -370,7 +370,7 @@ def scored_workspace(tmp_path_factory, prepared_smoke):
     shutil.copytree(prepared_smoke / "data", root / "data")
     paths = Paths(root)
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, load_split(paths.data, "train").tasks)
+    model = PixelRestorer.build(smoke_params().model, load_split(paths.data, "train").tasks)
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
     model.save_pretrained(paths.sft_model)
     RewardModel(kernels=8, hidden=16).save(paths.reward_model)

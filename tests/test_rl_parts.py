@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 from pipeline.rl.advantages import group_advantages, zero_variance_share
 from pipeline.rl.difficulty import DifficultyTracker, quantiles, rl_weights
 from pipeline.rl.policy import gaussian_kl, gaussian_log_prob, step_mask
@@ -13,7 +13,7 @@ from tests.conftest import smoke_params
 @pytest.fixture
 def rollout():
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model)
+    model = PixelRestorer.build(smoke_params().model)
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     lq = torch.rand(3, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -101,7 +101,7 @@ def test_collect_groups_rollouts_and_ppo_ratio_starts_at_one():
     from pipeline.rl.rollout import collect, ppo_loss, step_log_prob
 
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, tasks=["a", "b"])
+    model = PixelRestorer.build(smoke_params().model, tasks=["a", "b"])
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     lq = torch.rand(2, 3, 16, 16) * 2 - 1
     r = collect(model, lq, lq.clone(), ["a", "b"], group_size=3, steps=4, eta=1.0,

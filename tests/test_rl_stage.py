@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pipeline.config import ConfigError
 from pipeline.data.dataset import load_split
 from pipeline.data.sources import DataError
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import PixelRestorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.part_names import validate
 from pipeline.paths import Paths
@@ -61,7 +61,7 @@ def test_multi_step_rewards_are_normalised_per_checkpoint_and_credited_to_earlie
 
 def test_checkpoint_rewards_score_the_predicted_image_at_each_checkpoint():
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    model = PixelRestorer.build(smoke_params().model, tasks=["a"])
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     lq = torch.rand(2, 3, 16, 16) * 2 - 1
     r = collect(model, lq, lq, ["a", "a"], group_size=2, steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
@@ -107,7 +107,7 @@ def test_oversampling_draws_hard_samples_more_often_and_never_twice():
 
 def _rollouts():
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    model = PixelRestorer.build(smoke_params().model, tasks=["a"])
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
     lq = torch.rand(2, 3, 16, 16) * 2 - 1
     gt = (lq + 0.1).clamp(-1, 1)
@@ -173,7 +173,7 @@ def test_each_rollout_gets_the_rl_weight_of_its_own_image():
     from pipeline.data.dataset import PairedSplit
 
     torch.manual_seed(0)
-    model = DiffusionRestorer.build(smoke_params().model, tasks=["a"])
+    model = PixelRestorer.build(smoke_params().model, tasks=["a"])
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     noise = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.4, 0.8])[:, None, None, None]
@@ -198,7 +198,7 @@ def test_each_rollout_gets_the_rl_weight_of_its_own_image():
 def test_selection_never_ships_an_epoch_that_lost_more_psnr_than_the_guard():
     base_model, _ = _rollouts()
     baseline = {"reward": -5.0, "psnr": 30.0}
-    best = loop.Selection(0, 0.0, baseline, loop.unet_weights(base_model))
+    best = loop.Selection(0, 0.0, baseline, base_model.trainable_state())
     hacked = loop.select(best, 1, loop.Validation(-4.0, 29.5), baseline, 0.3, base_model)
     assert hacked is best, "a larger reward gain at -0.5 dB does not ship under a 0.3 dB guard"
     kept = loop.select(best, 2, loop.Validation(-4.5, 29.8), baseline, 0.3, base_model)
@@ -268,7 +268,7 @@ def models_ready(workspace, monkeypatch):
     paths = Paths(workspace)
     torch.manual_seed(0)
     train = load_split(paths.data, "train")
-    model = DiffusionRestorer.build(smoke_params().model, train.tasks)
+    model = PixelRestorer.build(smoke_params().model, train.tasks)
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
     model.save_pretrained(paths.sft_model)
     RewardModel(kernels=8, hidden=16).save(paths.reward_model)

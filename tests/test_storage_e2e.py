@@ -21,8 +21,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import BIN, REPO, smoke_raw, write_params
-from tests.test_storage import free_port, wait_for_port
-from tests.test_storage import moto_fixture  # noqa: F401  (registers the `moto` fixture here)
+from tests.test_storage import (
+    free_port,
+    moto_fixture,  # noqa: F401  (registers the `moto` fixture here)
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -154,9 +157,9 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     batch = rng.random((2, 32, 32, 3)).astype(np.float32)
     restored = model.predict(batch)
     assert restored.shape == batch.shape and np.isfinite(restored).all()
-    from pipeline.models.restorer import DiffusionRestorer
+    from pipeline.models.loading import load_restorer
 
-    local = DiffusionRestorer.from_pretrained(root / "checkpoints/rl").eval()
+    local = load_restorer(root / "checkpoints/rl").eval()
     cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
     with torch.no_grad():
         expected = local.sample(cond, 10, 0.0, torch.Generator().manual_seed(0)).image

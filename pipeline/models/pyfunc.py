@@ -23,9 +23,9 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
     its only task is used when it has just one."""
 
     def load_context(self, context) -> None:
-        from pipeline.models.restorer import DiffusionRestorer
+        from pipeline.models.loading import load_restorer
 
-        self.model = DiffusionRestorer.from_pretrained(Path(context.artifacts["restorer"])).eval()
+        self.model = load_restorer(Path(context.artifacts["restorer"])).eval()
 
     def predict(self, context, model_input, params=None):
         opts = {**SAMPLING_DEFAULTS, **(params or {})}

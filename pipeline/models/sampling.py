@@ -13,10 +13,10 @@ from tqdm import tqdm
 
 from pipeline.config import Params, SamplingConfig
 from pipeline.data.dataset import PairedSplit
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import Restorer
 
 
-def restore(model: DiffusionRestorer, data: PairedSplit, sampling: SamplingConfig, batch_size: int,
+def restore(model: Restorer, data: PairedSplit, sampling: SamplingConfig, batch_size: int,
             generator: torch.Generator, progress: bool = False) -> torch.Tensor:
     """(N, 3, H, W) restorations of every LQ patch of `data`, on the CPU; the noise comes from
     `generator` (a CPU generator, so results do not depend on the device)."""
@@ -30,7 +30,7 @@ def restore(model: DiffusionRestorer, data: PairedSplit, sampling: SamplingConfi
     return torch.cat(out)
 
 
-def restore_split(model: DiffusionRestorer, data: PairedSplit, params: Params, progress: bool = False) -> torch.Tensor:
+def restore_split(model: Restorer, data: PairedSplit, params: Params, progress: bool = False) -> torch.Tensor:
     """`restore` as `evaluate` scores: `evaluate.sampling`, a generator seeded with `runtime.seed`."""
     generator = torch.Generator().manual_seed(params.runtime.seed)
     return restore(model, data, params.evaluate.sampling, params.evaluate.batch_size, generator, progress)

@@ -26,7 +26,8 @@ import torch
 from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, RlConfig
 from pipeline.data.dataset import PairedSplit
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.device import backward_and_step
+from pipeline.models.restorer import Restorer
 from pipeline.models.sampling import restore_split
 from pipeline.rewards import iqa
 from pipeline.rewards.scorers import Reward
@@ -86,7 +87,7 @@ class Validation:
 # sampling
 
 
-def sample_epoch(model: DiffusionRestorer, pool: Pool, reward: Reward, tracker: DifficultyTracker, parts: RlParts,
+def sample_epoch(model: Restorer, pool: Pool, reward: Reward, tracker: DifficultyTracker, parts: RlParts,
                  params: Params, generator: torch.Generator) -> EpochSamples:
     """Rollouts, their rewards and advantages, and the RL weights; refreshes the pool's and the
     tracker's difficulties from the rollouts."""
@@ -126,13 +127,16 @@ def per_step_advantages(rewards: torch.Tensor, r: Rollouts, parts: RlParts, cfg:
 # update
 
 
-def train_on_rollouts(model: DiffusionRestorer, optimizer: torch.optim.Optimizer, samples: EpochSamples,
+def train_on_rollouts(model: Restorer, optimizer: torch.optim.Optimizer, samples: EpochSamples,
                       parts: RlParts, cfg: RlConfig, generator: torch.Generator,
-                      reference: DiffusionRestorer | None = None, reward: Reward | None = None,
-                      epoch: int = 1, resume_dir: Path | None = None) -> UpdateLosses:
+                      reference: Restorer | None = None, reward: Reward | None = None,
+                      epoch: int = 1, resume_dir: Path | None = None,
+                      scaler: torch.amp.GradScaler | None = None) -> UpdateLosses:
     """The update phase. `reference`: the frozen SFT model (when the parts need it); `reward`:
     the differentiable reward (when the objective needs it). A non-finite loss stops it before
-    the step is taken (`epoch` and `resume_dir` go into that error)."""
+    the step is taken (`epoch` and `resume_dir` go into that error). `scaler`: fp16 loss
+    scaling (pipeline.device.grad_scaler); None trains in the precision the model runs in."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     r, w = samples.rollouts, samples.weights
     advantages = samples.advantages.to(r.lq.device) if samples.advantages is not None else None
     totals = {"loss_rl": 0.0, "loss_sft": 0.0, "kl": 0.0, "clip_frac": 0.0}
@@ -152,10 +156,7 @@ def train_on_rollouts(model: DiffusionRestorer, optimizer: torch.optim.Optimizer
                 per_sample = per_sample + terms.regularizers
             loss = per_sample.mean()
             ensure_finite(loss, "rl", f"the update of epoch {epoch}", resume_dir or Path("checkpoints/resume/rl"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            backward_and_step(loss, optimizer, model.trainable_parameters(), cfg.grad_clip, scaler)
             step_values = {"loss_rl": _mean(terms.rl), "loss_sft": _mean(l_sft), "kl": _mean(terms.kl),
                            "clip_frac": terms.clip_frac, "loss_reg": _mean(terms.regularizers)}
             for key in totals:
@@ -173,7 +174,7 @@ def _mean(value: torch.Tensor | float) -> float:
 # validation and selection
 
 
-def validate(model: DiffusionRestorer, reward: Reward, val: PairedSplit, params: Params) -> Validation:
+def validate(model: Restorer, reward: Reward, val: PairedSplit, params: Params) -> Validation:
     """Mean reward and PSNR of the val restorations (deterministic: `evaluate.sampling`, fixed seed)."""
     restored = restore_split(model, val, params)
     with torch.no_grad():
@@ -188,21 +189,17 @@ class Selection:
     epoch: int
     gain: float  # val reward gain over SFT
     val: dict[str, float]
-    weights: dict[str, torch.Tensor]  # the UNet's state at that epoch, on the CPU
+    weights: dict[str, torch.Tensor]  # the trained tensors at that epoch (Restorer.trainable_state), on the CPU
 
 
 def select(best: Selection, epoch: int, result: Validation, baseline: Validation | dict, psnr_guard: float,
-           model: DiffusionRestorer) -> Selection:
+           model: Restorer) -> Selection:
     """`epoch` replaces `best` when its val reward gain is larger and its PSNR fell by at most `psnr_guard`."""
     base = baseline if isinstance(baseline, dict) else baseline.as_dict()
     gain, drop = result.reward - base["reward"], base["psnr"] - result.psnr
     if drop <= psnr_guard and gain > best.gain:
-        return Selection(epoch, gain, result.as_dict(), unet_weights(model))
+        return Selection(epoch, gain, result.as_dict(), model.trainable_state())
     return best
-
-
-def unet_weights(model: DiffusionRestorer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.unet.state_dict().items()}
 
 
 def evenly_spaced(data: PairedSplit, n: int) -> PairedSplit:

@@ -15,8 +15,9 @@ computes only what the chosen parts ask for and hands it over in an `UpdateBatch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,7 +27,7 @@ from pipeline.rl.rollout import Rollouts, ppo_loss
 
 if TYPE_CHECKING:
     from pipeline.config import RlConfig
-    from pipeline.models.restorer import DiffusionRestorer, StepOutput
+    from pipeline.models.restorer import Restorer, StepOutput
     from pipeline.rewards.scorers import Reward
 
 
@@ -36,11 +37,11 @@ class UpdateBatch:
 
     r: Rollouts
     idx: torch.Tensor  # the minibatch's rows of the rollouts
-    cfg: "RlConfig"
+    cfg: RlConfig
     generator: torch.Generator
     advantages: torch.Tensor | None = None  # (S, N) per-step, for objectives that need them
-    reward: "Reward | None" = None  # the differentiable reward, for objectives that need it
-    reference: "DiffusionRestorer | None" = None  # the frozen SFT model, for KL and regularizers
+    reward: Reward | None = None  # the differentiable reward, for objectives that need it
+    reference: Restorer | None = None  # the frozen SFT model, for KL and regularizers
 
 
 @dataclass
@@ -53,8 +54,8 @@ class MinibatchTerms:
     clip_frac: float
 
 
-def policy_step(model: "DiffusionRestorer", r: Rollouts, step: int, idx: torch.Tensor, eta: float,
-                x_t: torch.Tensor | None = None) -> "StepOutput":
+def policy_step(model: Restorer, r: Rollouts, step: int, idx: torch.Tensor, eta: float,
+                x_t: torch.Tensor | None = None) -> StepOutput:
     """Recorded step `step` for samples `idx` under the model's current weights (from the
     recorded x_step unless `x_t` is given)."""
     model.timesteps(len(r.timesteps))
@@ -62,7 +63,7 @@ def policy_step(model: "DiffusionRestorer", r: Rollouts, step: int, idx: torch.T
     return model.step(r.latents[step][idx] if x_t is None else x_t, r.timesteps[step], r.lq[idx], eta, tasks)
 
 
-def _reference_step(batch: UpdateBatch, step: int) -> "StepOutput | None":
+def _reference_step(batch: UpdateBatch, step: int) -> StepOutput | None:
     """The frozen reference's step from the same x_t, when the parts asked for the reference."""
     if batch.reference is None:
         return None
@@ -70,11 +71,11 @@ def _reference_step(batch: UpdateBatch, step: int) -> "StepOutput | None":
         return policy_step(batch.reference, batch.r, step, batch.idx, batch.cfg.eta)
 
 
-def _regularizers(ts: TrainedStep, model: "DiffusionRestorer", batch: UpdateBatch) -> torch.Tensor | float:
+def _regularizers(ts: TrainedStep, model: Restorer, batch: UpdateBatch) -> torch.Tensor | float:
     return sum((REGULARIZERS[name].loss(ts, model, batch.reference, batch.cfg) for name in batch.cfg.regularizers), 0.0)
 
 
-def ppo(model: "DiffusionRestorer", batch: UpdateBatch) -> MinibatchTerms:
+def ppo(model: Restorer, batch: UpdateBatch) -> MinibatchTerms:
     """Clipped surrogate, KL and regularizers averaged over a seeded `train_step_fraction` of
     the stochastic steps (the same subset for the whole minibatch)."""
     r, mb, cfg = batch.r, batch.idx, batch.cfg
@@ -106,7 +107,7 @@ def refl_windows(steps: int, early_until: float, late_from: float) -> tuple[list
     return early, late
 
 
-def refl(model: "DiffusionRestorer", batch: UpdateBatch) -> MinibatchTerms:
+def refl(model: Restorer, batch: UpdateBatch) -> MinibatchTerms:
     """Reward feedback on one seeded step s of the windows, for the whole minibatch.
 
     Gradient flows through `refl.grad_steps` steps ending at s, started from the recorded
@@ -142,7 +143,7 @@ def refl(model: "DiffusionRestorer", batch: UpdateBatch) -> MinibatchTerms:
 class Objective:
     """What the update minimises per sample, and what it needs from the loop."""
 
-    loss: Callable[["DiffusionRestorer", UpdateBatch], MinibatchTerms]
+    loss: Callable[[Restorer, UpdateBatch], MinibatchTerms]
     needs_advantages: bool  # per-step advantages of the rollouts (policy-gradient objectives)
     needs_differentiable_reward: bool  # the reward with its gradient (reward feedback)
 

@@ -15,14 +15,15 @@ Also here: `wavelet_ll_l1`, the low-frequency constraint of RFSR's early steps (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:  # config validation imports this module; keep diffusers out of it
     from pipeline.config import RlConfig
-    from pipeline.models.restorer import DiffusionRestorer, StepOutput
+    from pipeline.models.restorer import Restorer, StepOutput
     from pipeline.rl.rollout import Rollouts
 
 
@@ -30,11 +31,11 @@ if TYPE_CHECKING:  # config validation imports this module; keep diffusers out o
 class TrainedStep:
     """Recorded step `step` of the minibatch `idx`, as the update sees it."""
 
-    r: "Rollouts"
+    r: Rollouts
     step: int
     idx: torch.Tensor
-    out: "StepOutput"  # the trained model's step from x_step, with gradient
-    ref: "StepOutput | None"  # the frozen reference's step from the same x_step
+    out: StepOutput  # the trained model's step from x_step, with gradient
+    ref: StepOutput | None  # the frozen reference's step from the same x_step
 
     @property
     def tasks(self) -> list[str] | None:
@@ -65,32 +66,6 @@ def wavelet_ll_l1(images: torch.Tensor, target: torch.Tensor, wavelet: str = "ha
 # gram
 
 
-def encoder_features(restorer: "DiffusionRestorer", images: torch.Tensor, lq: torch.Tensor,
-                     tasks: list[str] | None, blocks: int = 1) -> list[torch.Tensor]:
-    """Features of clean `images` from the restorer UNet's encoder: conv_in and the first
-    `blocks` down blocks, run at timestep 0 (a clean input) with the LQ as condition.
-
-    Why this network: no downloaded weights exist offline (no VGG), and of what is at hand
-    the frozen SFT UNet's encoder is (1) independent of the reward being maximised, so a
-    texture the reward model is blind to or likes is still seen (the learned reward's own
-    conv layer would share its blind spots), (2) multi-scale, and (3) trained on exactly
-    these images and degradations. The frozen copy is already in memory as the KL anchor.
-    """
-    unet = restorer.unet
-    n = images.shape[0]
-    t = torch.zeros(n, dtype=torch.long, device=images.device)
-    emb = unet.time_embedding(unet.time_proj(t).to(images.dtype))
-    labels = restorer.task_labels(tasks, n)
-    if labels is not None:
-        emb = emb + unet.class_embedding(labels).to(images.dtype)
-    h = unet.conv_in(torch.cat([restorer.signal(images, lq), lq], dim=1))
-    features = [h]
-    for block in unet.down_blocks[:blocks]:
-        h, _ = block(hidden_states=h, temb=emb)
-        features.append(h)
-    return features
-
-
 def gram_matrices(features: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, C) channel correlations F F^T / (C H W) (Gatys et al.'s style)."""
     n, c, h, w = features.shape
@@ -104,13 +79,21 @@ def gram_distance(features: list[torch.Tensor], ref_features: list[torch.Tensor]
                for f, g in zip(features, ref_features))
 
 
-def gram(ts: TrainedStep, model: "DiffusionRestorer", reference: "DiffusionRestorer", cfg: "RlConfig") -> torch.Tensor:
+def gram(ts: TrainedStep, model: Restorer, reference: Restorer, cfg: RlConfig) -> torch.Tensor:
     """weight * Gram distance between the encoder features of the trained and the reference
-    model's x0-hat at this step (both through the frozen reference's encoder)."""
+    model's x0-hat at this step (both through the frozen reference's encoder:
+    `Restorer.encoder_features`, conv_in and the first `gram.blocks` down blocks at t = 0).
+
+    Why this network: no downloaded weights exist offline (no VGG), and of what is at hand
+    the frozen SFT UNet's encoder is (1) independent of the reward being maximised, so a
+    texture the reward model is blind to or likes is still seen (the learned reward's own
+    conv layer would share its blind spots), (2) multi-scale, and (3) trained on exactly
+    these images and degradations. The frozen reference is already in memory as the KL anchor.
+    """
     lq = ts.r.lq[ts.idx]
-    ours = encoder_features(reference, ts.out.x0, lq, ts.tasks, cfg.gram.blocks)
+    ours = reference.encoder_features(ts.out.x0, lq, ts.tasks, cfg.gram.blocks)
     with torch.no_grad():
-        theirs = encoder_features(reference, ts.ref.x0, lq, ts.tasks, cfg.gram.blocks)
+        theirs = reference.encoder_features(ts.ref.x0, lq, ts.tasks, cfg.gram.blocks)
     return cfg.gram.weight * gram_distance(ours, theirs)
 
 
@@ -118,7 +101,7 @@ def gram(ts: TrainedStep, model: "DiffusionRestorer", reference: "DiffusionResto
 # gt_likelihood
 
 
-def gt_guided_mean(model: "DiffusionRestorer", x_t: torch.Tensor, t: int, gt: torch.Tensor, lq: torch.Tensor,
+def gt_guided_mean(model: Restorer, x_t: torch.Tensor, t: int, gt: torch.Tensor, lq: torch.Tensor,
                    steps: int, eta: float) -> torch.Tensor:
     """x_{t-1}^GT: the DDIM step's mean had the model predicted the GT exactly.
 
@@ -141,8 +124,8 @@ def likelihood_penalty(log_prob: torch.Tensor, tau: float) -> torch.Tensor:
     return 1 - torch.exp(log_prob / tau)
 
 
-def gt_likelihood(ts: TrainedStep, model: "DiffusionRestorer", reference: "DiffusionRestorer",
-                  cfg: "RlConfig") -> torch.Tensor:
+def gt_likelihood(ts: TrainedStep, model: Restorer, reference: Restorer,
+                  cfg: RlConfig) -> torch.Tensor:
     """weight * (1 - exp(log N(x_{t-1}^GT; mu_theta, sigma_t^2) / tau)) on the last
     `last_steps` stochastic steps (pixel-mean log-density, as the policy's); 0 elsewhere."""
     from pipeline.rl.policy import gaussian_log_prob
@@ -160,7 +143,7 @@ def gt_likelihood(ts: TrainedStep, model: "DiffusionRestorer", reference: "Diffu
 
 @dataclass(frozen=True)
 class Regularizer:
-    loss: Callable[[TrainedStep, "DiffusionRestorer", "DiffusionRestorer", "RlConfig"], torch.Tensor]
+    loss: Callable[[TrainedStep, Restorer, Restorer, RlConfig], torch.Tensor]
     needs_reference: bool  # whether the update must run the frozen reference's step
 
 

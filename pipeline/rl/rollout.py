@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.restorer import Restorer
 from pipeline.rl.policy import gaussian_log_prob, step_mask
 
 
@@ -34,7 +34,7 @@ class Rollouts:
         return self.lq.shape[0] // self.group_size
 
 
-def collect(model: DiffusionRestorer, lq: torch.Tensor, gt: torch.Tensor, tasks: list[str] | None,
+def collect(model: Restorer, lq: torch.Tensor, gt: torch.Tensor, tasks: list[str] | None,
             group_size: int, steps: int, eta: float, generator: torch.Generator) -> Rollouts:
     """Sample `group_size` restorations of each LQ image (same LQ, different noise)."""
     if eta <= 0:
@@ -49,7 +49,7 @@ def collect(model: DiffusionRestorer, lq: torch.Tensor, gt: torch.Tensor, tasks:
                     torch.stack(out.latents), log_probs, torch.stack([s.x0 for s in out.steps]), out.image)
 
 
-def step_log_prob(model: DiffusionRestorer, r: Rollouts, step: int, idx: torch.Tensor,
+def step_log_prob(model: Restorer, r: Rollouts, step: int, idx: torch.Tensor,
                   eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of recorded transition `step` for samples `idx` under the current weights,
     and the step's mean (for the KL to the reference)."""

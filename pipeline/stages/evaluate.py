@@ -12,8 +12,8 @@ the same in an MLflow run.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 import numpy as np
@@ -25,7 +25,7 @@ from pipeline.atomic import atomic_file
 from pipeline.config import Params, flatten
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
 from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
 from pipeline.rewards import iqa
@@ -41,11 +41,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     device = setup_runtime(params.runtime)
     test = load_split(paths.data, "test")
     with tracking.stage_run("evaluate", params, SECTIONS, root):
-        outputs = {"lq": test.lq, "sft": restore_split(DiffusionRestorer.from_pretrained(paths.sft_model).to(device),
-                                                       test, params, progress=True)}
+        def restored(checkpoint):
+            model = load_restorer(checkpoint, params.storage, paths.pretrained).to(device)
+            return restore_split(model, test, params, progress=True)
+
+        outputs = {"lq": test.lq, "sft": restored(paths.sft_model)}
         if paths.rl_model.exists():
-            outputs["rl"] = restore_split(DiffusionRestorer.from_pretrained(paths.rl_model).to(device), test, params,
-                                          progress=True)
+            outputs["rl"] = restored(paths.rl_model)
         shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
         generator = torch.Generator().manual_seed(params.runtime.seed)
         outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}

@@ -37,7 +37,7 @@ from pipeline.config import Params, flatten
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.data.degradations import DEGRADATIONS, degrade
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
@@ -51,7 +51,7 @@ SECTIONS = ["reward"]
 def run(params: Params, root: Path = Path(".")) -> dict:
     cfg, paths = params.reward, Paths(root)
     device = setup_runtime(params.runtime)
-    sft = DiffusionRestorer.from_pretrained(paths.sft_model).to(device).eval()
+    sft = load_restorer(paths.sft_model, params.storage, paths.pretrained).to(device).eval()
     train, val = load_split(paths.data, "train"), load_split(paths.data, "val")
     generator = torch.Generator().manual_seed(params.runtime.seed)
     subset = torch.randperm(len(train), generator=generator)[: cfg.sft_samples]

@@ -27,9 +27,10 @@ from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.data.sources import DataError
-from pipeline.device import setup_runtime
+from pipeline.device import grad_scaler, setup_runtime
 from pipeline.model_registry import register_restorer
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import model_for_rl
+from pipeline.models.restorer import Restorer
 from pipeline.paths import Paths
 from pipeline.rewards.checks import require_passed
 from pipeline.rewards.scorers import Reward, load_reward
@@ -47,13 +48,14 @@ class Setup:
 
     pool: loop.Pool
     val: PairedSplit
-    model: DiffusionRestorer
-    reference: DiffusionRestorer | None  # the frozen SFT model, when the parts need it
+    model: Restorer
+    reference: Restorer | None  # the frozen SFT model, when the parts need it
     reward: Reward  # the reward rollouts and validation are scored with
     feedback: Reward | None  # the same with gradients, when the objective needs it
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     tracker: DifficultyTracker
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (a pass-through for other precisions)
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
@@ -67,7 +69,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime", "evaluate"],
                                          [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model],
                                          code_hash("rl"))
-    resumable = {"model": s.model, "optimizer": s.optimizer, "tracker": s.tracker}
+    resumable = {"model": s.model, "optimizer": s.optimizer, "tracker": s.tracker, "grad_scaler": s.scaler}
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=s.generator)
     if resumed:
         start, stats = resumed
@@ -76,7 +78,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     else:
         start, baseline = 0, loop.validate(s.model, s.reward, s.val, params).as_dict()
         stats = {"difficulty": s.pool.difficulty, "history": [], "baseline": baseline,
-                 "best": loop.Selection(0, 0.0, baseline, loop.unet_weights(s.model))}
+                 "best": loop.Selection(0, 0.0, baseline, s.model.trainable_state())}
 
     with tracking.stage_run("rl", params, SECTIONS, root) as active:
         mlflow.set_tag("restorl.resumed_from_epoch", str(start))
@@ -88,7 +90,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         for epoch in bar:
             samples = loop.sample_epoch(s.model, s.pool, s.reward, s.tracker, picked, params, s.generator)
             losses = loop.train_on_rollouts(s.model, s.optimizer, samples, picked, cfg, s.generator,
-                                            s.reference, s.feedback, epoch + 1, resume_dir)
+                                            s.reference, s.feedback, epoch + 1, resume_dir, s.scaler)
             result = loop.validate(s.model, s.reward, s.val, params)
             stats["best"] = loop.select(stats["best"], epoch + 1, result, stats["baseline"], cfg.psnr_guard, s.model)
             record = loop.epoch_record(epoch + 1, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,
@@ -105,7 +107,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             "restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
             "restorl.data_hash": checkpoint.file_hash(paths.manifest, paths.difficulty_table),
             "restorl.git_commit": tracking.git_commit(root),
-            "restorl.run_id": active.info.run_id, "restorl.best_epoch": str(stats["best"].epoch)})
+            "restorl.run_id": active.info.run_id, "restorl.best_epoch": str(stats["best"].epoch)}, paths.pretrained)
     checkpoint.clear_state(resume_dir)
     best = stats["best"]
     print(f"rl: {cfg.epochs} epochs ({summary['rollouts']} rollouts) in {summary['seconds']:.0f}s; best epoch "
@@ -124,22 +126,22 @@ def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.dev
         raise DataError(f"rl.images_per_epoch={cfg.images_per_epoch} exceeds the {len(index)} scored samples "
                         f"in {paths.difficulty_table} (score.samples)")
     val = loop.evenly_spaced(load_split(paths.data, "val"), cfg.val_images)
-    model = DiffusionRestorer.from_pretrained(paths.sft_model).to(device)
-    reference = model.reference() if picked.needs_reference else None
+    model = model_for_rl(paths.sft_model, params.model, params.storage, paths.pretrained).to(device)
+    reference = model.reference() if picked.needs_reference else None  # adapters off under LoRA: no copy
     reward = load_reward(params, paths, device)
     # Reward feedback needs the reward's gradient; the rollouts' rewards stay the plain ones.
     feedback = load_reward(params, paths, device, differentiable=True) if picked.needs_differentiable_reward else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(params.runtime.seed if cfg.seed is None else cfg.seed)
     tracker = DifficultyTracker(difficulty, cfg.difficulty.window)
     return Setup(loop.Pool(train, index, difficulty.clone()), val, model, reference, reward, feedback, optimizer,
-                 generator, tracker)
+                 generator, tracker, grad_scaler(device))
 
 
-def save_outputs(params: Params, paths: Paths, model: DiffusionRestorer, stats: dict, seconds: float) -> dict:
+def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, seconds: float) -> dict:
     """The best epoch's model, metrics/rl.json and plots/rl_curves.csv (logged to the active run)."""
     cfg, best = params.rl, stats["best"]
-    model.unet.load_state_dict(best.weights)
+    model.load_trainable_state(best.weights)
     with atomic_dir(paths.rl_model) as tmp:
         model.save_pretrained(tmp)
     summary = {"epochs": cfg.epochs, "rollouts": cfg.epochs * cfg.images_per_epoch * cfg.group_size,

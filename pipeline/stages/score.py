@@ -22,7 +22,7 @@ from pipeline.atomic import atomic_file
 from pipeline.config import Params, flatten
 from pipeline.data.dataset import load_split
 from pipeline.device import setup_runtime
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import load_restorer
 from pipeline.paths import Paths
 from pipeline.rewards.scorers import load_reward
 from pipeline.rl.difficulty_table import measure, write_table
@@ -36,7 +36,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     train = load_split(paths.data, "train")
     generator = torch.Generator().manual_seed(params.runtime.seed)
     picked = scored_subset(len(train), cfg.samples, generator)
-    model = DiffusionRestorer.from_pretrained(paths.sft_model).to(device).eval()
+    model = load_restorer(paths.sft_model, params.storage, paths.pretrained).to(device).eval()
     reward = load_reward(params, paths, device)
 
     with tracking.stage_run("score", params, SECTIONS, root):

@@ -23,9 +23,9 @@ from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import load_split, random_dihedral, sample_weights
-from pipeline.device import setup_runtime
+from pipeline.device import backward_and_step, grad_scaler, setup_runtime
 from pipeline.model_registry import register_restorer
-from pipeline.models.restorer import DiffusionRestorer
+from pipeline.models.loading import model_for_sft
 from pipeline.paths import Paths
 from pipeline.stage_code import code_hash
 
@@ -39,16 +39,20 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     gt_all, lq_all = train.gt.to(device), train.lq.to(device)
     weights = sample_weights(cfg.loss, train).to(device)
 
-    model = DiffusionRestorer.build(params.model, train.tasks).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = model_for_sft(params.model, train.tasks, params.storage, paths.pretrained).to(device).train()
+    trained = model.trainable_parameters()  # the UNet, or its adapters under model.lora
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                                 num_training_steps=cfg.steps)
-    ema = EMAModel(model.unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMAModel(trained, decay=cfg.ema_decay) if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(params.runtime.seed)
-    resumable = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule} | ({"ema": ema} if ema else {})
+    scaler = grad_scaler(device)  # fp16 loss scaling; a pass-through otherwise
+    resumable = {"model": model, "optimizer": optimizer, "lr_schedule": lr_schedule, "grad_scaler": scaler} | (
+        {"ema": ema} if ema else {})
 
     resume_dir = paths.resume / "sft"
-    fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime"], [paths.manifest], code_hash("sft"))
+    fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime"], [paths.manifest],
+                                         code_hash("sft") + (model.base or {}).get("hash", ""))
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=generator)
     start, history = resumed if resumed else (0, {"loss": []})
     if resumed:
@@ -58,7 +62,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
     with tracking.stage_run("sft", params, SECTIONS, root) as run:
         mlflow.set_tag("restorl.resumed_from_step", str(start))
-        mlflow.log_param("n_params", sum(p.numel() for p in model.parameters()))
+        mlflow.log_params({"n_params": sum(p.numel() for p in model.unet.parameters()),
+                           "n_trained_params": sum(p.numel() for p in trained)})
         t0 = time.perf_counter()
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="sft", unit="step")
         for step in bar:
@@ -68,13 +73,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 gt, lq = random_dihedral(gt, lq, generator)
             loss = (model.sft_loss(gt, lq, generator, tasks=tasks) * weights[idx]).mean()
             checkpoint.ensure_finite(loss, "sft", f"step {step + 1}", resume_dir)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            backward_and_step(loss, optimizer, trained, cfg.grad_clip, scaler)
             lr_schedule.step()
             if ema:
-                ema.step(model.unet.parameters())
+                ema.step(trained)
             history["loss"].append(loss.item())
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -87,7 +89,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         seconds = time.perf_counter() - t0
 
         if ema:
-            ema.copy_to(model.unet.parameters())
+            ema.copy_to(trained)
         with atomic_dir(paths.sft_model) as tmp:
             model.save_pretrained(tmp)
         _write_loss_plot(paths.plots / "sft_loss.csv", history["loss"], cfg.log_every)
@@ -96,7 +98,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         version = register_restorer(params, paths.sft_model, {
             "restorl.stage": "sft", "restorl.params_hash": params.section_hash(*SECTIONS),
             "restorl.data_hash": checkpoint.file_hash(paths.manifest), "restorl.git_commit": tracking.git_commit(root),
-            "restorl.run_id": run.info.run_id})
+            "restorl.run_id": run.info.run_id}, paths.pretrained)
     checkpoint.clear_state(resume_dir)
     print(f"sft: {cfg.steps} steps in {seconds:.0f}s, final loss {history['loss'][-1]:.4g}; "
           f"registered {params.tracking.registered_model} v{version}")
