@@ -264,10 +264,13 @@ def cli_has_command(root: Path, name: str) -> bool:
 
 
 def checkout(root: Path, ref: str) -> None:
-    """Check `ref` out (detached) unless HEAD is already there; a bad ref fails at once."""
+    """Check `ref` out (detached) unless HEAD is already there; a bad ref fails at once. A ref
+    that starts with "-" would be read by git as an option (`--upload-pack=…` runs a command)."""
+    if ref.startswith("-"):
+        raise StageUserError(f"git ref '{ref}' starts with '-': refusing it (git would read it as an option)")
     target = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", cwd=root, check=False)
     if target.returncode != 0:
-        git("fetch", "--quiet", "origin", ref, cwd=root, check=False)
+        git("fetch", "--quiet", "origin", "--", ref, cwd=root, check=False)
         target = git("rev-parse", "--verify", "--quiet", "FETCH_HEAD^{commit}", cwd=root, check=False)
         if target.returncode != 0:
             raise StageUserError(f"git ref '{ref}' not found in {root} (nor on its origin)")

@@ -36,7 +36,7 @@ def ensure_finite(loss: torch.Tensor, stage: str, step: str, resume_dir: Path) -
     if bool(torch.isfinite(loss).all()):
         return
     state = Path(resume_dir) / STATE_FILE
-    last = (f"the last good state is {state} (step {torch.load(state, weights_only=False)['step']})"
+    last = (f"the last good state is {state} (step {torch.load(state, weights_only=True)['step']})"
             if state.exists() else f"no resume state was saved yet ({state})")
     raise DivergedError(f"{stage}: the loss is {float(loss.detach().float().mean())} at {step}; nothing was "
                         f"saved or registered; {last}. Lower the learning rate or check the data.")
@@ -59,8 +59,11 @@ def fingerprint(params: "Params", sections: list[str], inputs: list[Path], code:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG's state as tensors, numbers and tuples (what weights_only loading reads)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-             "numpy": np.random.get_state(), "python": random.getstate()}
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -69,7 +72,8 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -85,12 +89,15 @@ def save_state(directory: Path, *, fingerprint: str, step: int, objects: dict[st
 
 def load_state(directory: Path, *, fingerprint: str, objects: dict[str, Any],
                generator: torch.Generator) -> tuple[int, dict[str, Any]] | None:
-    """Restore objects and RNG in place; return (step, stats), or None to start fresh."""
+    """Restore objects and RNG in place; return (step, stats), or None to start fresh.
+
+    The file is read with `weights_only=True`: tensors, numbers, strings and containers only
+    (`stats` must be made of these), never code that a writable volume could plant in a pickle."""
     path = Path(directory) / STATE_FILE
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or corrupt (a full disk, a copy cut short): never block re-runs
         aside = path.with_name(STATE_FILE + ".unreadable")
         os.replace(path, aside)

@@ -99,12 +99,21 @@ def download_prefix(uri: str, dest: Path, endpoint: str | None) -> list[Path]:
     objects = list_objects(uri, endpoint)
     if not objects:
         raise StorageError(f"{uri}: no objects under this prefix at {_where(endpoint)}")
+    targets = [local_target(dest, obj["Key"], prefix, uri) for obj in objects]  # every key checked first
     client, files = s3_client(endpoint), []
-    for obj in objects:
-        target = Path(dest) / obj["Key"][len(prefix):].lstrip("/")
+    for obj, target in zip(objects, targets):
         _download(client, bucket, obj["Key"], target, uri, endpoint)
         files.append(target)
     return files
+
+
+def local_target(dest: Path, key: str, prefix: str, uri: str) -> Path:
+    """Where object `key` under `prefix` lands in `dest`; a key that would land outside `dest`
+    (a `..` part, an absolute path) is refused: S3 keys are anyone's strings."""
+    rel = key[len(prefix):].lstrip("/")
+    if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+        raise StorageError(f"{uri}: refusing object key '{key}': it would be written outside {dest}")
+    return Path(dest) / rel
 
 
 def _download(client, bucket: str, key: str, target: Path, uri: str, endpoint: str | None) -> None:
@@ -159,10 +168,10 @@ def mirror_prefix(uri: str, dest: Path, endpoint: str | None) -> dict[str, list[
     objects = list_objects(uri, endpoint)
     if not objects:
         raise StorageError(f"{uri}: no objects under this prefix at {_where(endpoint)}")
+    targets = [local_target(dest, obj["Key"], prefix, uri) for obj in objects]  # every key checked first
     client, done = s3_client(endpoint), {"downloaded": [], "unchanged": []}
-    for obj in objects:
-        rel = obj["Key"][len(prefix):].lstrip("/")
-        target = Path(dest) / rel
+    for obj, target in zip(objects, targets):
+        rel = str(target.relative_to(dest))
         if _same_file(target, obj):
             done["unchanged"].append(rel)
             continue

@@ -132,3 +132,19 @@ def test_serve_builds_the_deployments_of_prefect_yaml():
         crons = [s.schedule.cron for s in dep.schedules]
         assert crons == [s["cron"] for s in spec.get("schedules", [])]
     assert sum(bool(d.schedules) for d in deployments) >= 2  # nightly and weekly
+
+
+def test_a_git_ref_that_looks_like_an_option_is_refused_before_git_sees_it(tmp_path):
+    """`--upload-pack=CMD` as a ref would make `git fetch` run CMD."""
+    import subprocess
+
+    from flows.training import StageUserError, checkout
+
+    (tmp_path / "origin").mkdir()
+    subprocess.run(["git", "init", "-q", str(tmp_path / "origin")], check=True)
+    subprocess.run(["git", "clone", "-q", str(tmp_path / "origin"), str(tmp_path / "ws")], check=True,
+                   capture_output=True)
+    marker = tmp_path / "pwned"
+    with pytest.raises(StageUserError, match="starts with '-': refusing it"):
+        checkout(tmp_path / "ws", f"--upload-pack=touch {marker};true")
+    assert not marker.exists()

@@ -193,3 +193,11 @@ def test_judge_reads_the_reward_direction_from_the_metric():
     as_psnr = smoke_params(promote={"reward": "psnr", "min_reward_gain": 1.0})  # higher is better
     assert promote_stage.judge(worse, as_psnr)[0] == "promoted"
 
+
+
+def test_the_summary_separates_each_name_from_its_figures():
+    from pipeline.stages.promote import Decision, format_decision
+
+    figures = {"challenger": {"reward": 1.0, "psnr": 30.0}, "champion": {"reward": 0.5, "psnr": 30.1}}
+    text = format_decision(Decision("promoted", "2", "1", "better", "learned", figures))
+    assert "challenger reward=1.0000" in text and "champion   reward=0.5000" in text

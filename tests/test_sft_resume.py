@@ -104,3 +104,28 @@ def test_resume_state_of_other_code_is_ignored(workspace, monkeypatch):
     restorer.write_text(restorer.read_text() + "\n# a change to the sampler's module\n")
     out = run_tool(args, workspace)
     assert "saved for other params, data or code" in out.stdout and "resuming" not in out.stdout
+
+
+class _Planted:
+    """What an attacker with write access to the resume volume could pickle into state.pt."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_resume_state_is_read_as_data_never_as_code(tmp_path):
+    from pipeline import checkpoint
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "resume").mkdir()
+    torch.save({"fingerprint": "f", "step": 3, "rng": {}, "stats": {"x": _Planted(marker)}, "objects": {}},
+               tmp_path / "resume" / checkpoint.STATE_FILE)
+    assert checkpoint.load_state(tmp_path / "resume", fingerprint="f", objects={},
+                                 generator=torch.Generator()) is None  # refused, moved aside, fresh start
+    assert not marker.exists()
+    assert (tmp_path / "resume" / f"{checkpoint.STATE_FILE}.unreadable").exists()

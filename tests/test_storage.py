@@ -241,3 +241,18 @@ def test_dvc_remote_rejects_a_non_s3_url(tmp_path):
     with pytest.raises(storage.StorageError, match="http://not-s3: not an s3://bucket/prefix URI"):
         storage.configure_dvc_remote(tmp_path, "http://not-s3")
     assert not (tmp_path / ".dvc").exists()
+
+
+def test_an_object_key_with_dotdot_is_refused_before_anything_is_written(moto, creds, tmp_path):
+    """S3 keys are arbitrary strings: `pyiqa/../../escape.pth` must not land outside the cache."""
+    make_bucket(moto, "weights")
+    client = s3(moto)
+    client.put_object(Bucket="weights", Key="pyiqa/good.pth", Body=b"ok")
+    client.put_object(Bucket="weights", Key="pyiqa/../../escape.pth", Body=b"evil")
+    cache = tmp_path / "deep" / "cache"
+    cfg = StorageConfig(endpoint_url=creds, weights_uri="s3://weights/pyiqa", weights_dir=str(cache))
+    with pytest.raises(storage.StorageError, match=r"refusing object key 'pyiqa/\.\./\.\./escape\.pth'"):
+        storage.sync_weights(cfg)
+    with pytest.raises(storage.StorageError, match="refusing object key"):
+        storage.download_prefix("s3://weights/pyiqa", tmp_path / "dl", creds)
+    assert not list(tmp_path.rglob("escape.pth")) and not list(tmp_path.rglob("good.pth"))

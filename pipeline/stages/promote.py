@@ -177,5 +177,5 @@ def format_decision(d: Decision) -> str:
     against = f"champion v{d.champion}" if d.champion else "no champion"
     lines = [f"promote: challenger v{d.challenger} vs {against}: {d.outcome.upper()} — {d.reason}"]
     for who, fig in d.figures.items():
-        lines.append(f"  {who:<10}" + "  ".join(f"{m}={v:.4f}" for m, v in fig.items()))
+        lines.append(f"  {who:<10} " + "  ".join(f"{m}={v:.4f}" for m, v in fig.items()))
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -73,6 +73,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=s.generator)
     if resumed:
         start, stats = resumed
+        stats["best"] = loop.Selection(**stats["best"])  # saved as a plain dict (loaded weights_only)
         s.pool.difficulty = stats["difficulty"]
         print(f"rl: resuming from epoch {start} ({resume_dir})")
     else:
@@ -101,7 +102,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                             loss_rl=f"{record['loss_rl']:.2g}")
             if epoch + 1 < cfg.epochs:
                 checkpoint.save_state(resume_dir, fingerprint=fingerprint, step=epoch + 1, objects=resumable,
-                                      generator=s.generator, stats=stats)
+                                      generator=s.generator, stats=stats | {"best": asdict(stats["best"])})
         summary = save_outputs(params, paths, s.model, stats, time.perf_counter() - t0)
         version = register_restorer(params, paths.rl_model, {
             "restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
