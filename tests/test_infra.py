@@ -109,3 +109,9 @@ def test_compose_points_workers_to_the_kubernetes_template():
     # The GPU job template itself lives in infra/k8s/ (owned by the Prefect flow work).
     assert "infra/k8s/" in (INFRA / "compose.yaml").read_text()
     assert "infra/k8s/" in (INFRA / "Dockerfile").read_text()
+
+
+def test_every_published_port_is_bound_to_localhost_by_default(compose):
+    """The servers have no auth: nothing is published on all interfaces unless RESTORL_BIND says so."""
+    published = [p for s in compose["services"].values() for p in s.get("ports", [])]
+    assert published and all(p.startswith("${RESTORL_BIND:-127.0.0.1}:") for p in published), published
