@@ -6,6 +6,7 @@ Every trained model (sft, rl) becomes a new version with the alias `challenger`;
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -38,7 +39,9 @@ def register_restorer(params: Params, checkpoint: Path, tags: dict[str, str],
         if meta.get("adapters"):
             export(checkpoint, Path(tmp) / "merged", params.storage, pretrained_cache)
             checkpoint = Path(tmp) / "merged"
-        info = log_restorer(checkpoint, registered_model_name=name)
+        sampling = params.evaluate.sampling.model_dump() | {"seed": params.runtime.seed}
+        tags |= {"restorl.sampling": json.dumps(sampling)}
+        info = log_restorer(checkpoint, registered_model_name=name, sampling=sampling)
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in tags.items():

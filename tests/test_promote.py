@@ -201,3 +201,23 @@ def test_the_summary_separates_each_name_from_its_figures():
     figures = {"challenger": {"reward": 1.0, "psnr": 30.0}, "champion": {"reward": 0.5, "psnr": 30.1}}
     text = format_decision(Decision("promoted", "2", "1", "better", "learned", figures))
     assert "challenger reward=1.0000" in text and "champion   reward=0.5000" in text
+
+
+def test_the_registered_model_restores_as_evaluate_does_by_default(store):
+    """The pyfunc's defaults are the evaluated sampling (evaluate.sampling, runtime.seed): called
+    with nothing but the task, it returns evaluate's restoration of the same patches."""
+    from pipeline.models.loading import load_restorer
+    from pipeline.models.sampling import restore_split
+
+    version = register(store, "noisy")
+    params = smoke_params()
+    test = load_split(Paths(store).data, "test")
+    some = type(test)(test.gt[:3], test.lq[:3], test.samples[:3])
+    expected = restore_split(load_restorer(store / "checkpoints/noisy"), some, params)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
+    batch = ((some.lq + 1) / 2).permute(0, 2, 3, 1).numpy()
+    restored = model.predict(batch)
+    assert restored == pytest.approx(((expected + 1) / 2).permute(0, 2, 3, 1).numpy(), abs=1e-5)
+    tags = MlflowClient().get_model_version(NAME, version).tags
+    assert json.loads(tags["restorl.sampling"]) == params.evaluate.sampling.model_dump() | {"seed": 0}
+    assert model.predict(batch, params={"steps": 1}) != pytest.approx(restored, abs=1e-4)  # params still override

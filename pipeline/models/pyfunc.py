@@ -3,6 +3,9 @@
 MLflow 3's default PyTorch serialisation (torch.export) does not survive a sampler with Python
 control flow, so the registered model is the diffusers folder behind a small pyfunc wrapper:
 `mlflow.pyfunc.load_model("models:/restorer@champion").predict(batch)` restores images.
+Its default sampling is the one the model was evaluated and promoted with (`evaluate.sampling`
+and `runtime.seed` of the run that registered it): the defaults of the signature's params,
+which MLflow fills in for every parameter a caller leaves out.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import mlflow
 import numpy as np
 import torch
 
-# "" = no task given (MLflow's params schema has no None).
+# "" = no task given (MLflow's params schema has no None). log_restorer replaces these with
+# the evaluated settings.
 SAMPLING_DEFAULTS = {"steps": 10, "eta": 0.0, "seed": 0, "task": "", "samples": 1}
 
 
@@ -49,24 +53,28 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
         return ((image.cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
-def signature():
+def signature(defaults: dict):
     """Float32 (N, H, W, 3) in [0, 1] of any size in and out; the sampling options as params
-    (MLflow passes `params` to predict only when the signature declares them)."""
+    (MLflow passes `params` to predict only when the signature declares them), whose defaults
+    are `defaults`."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     images = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 3))])
     kinds = {int: "integer", float: "double", str: "string"}
     return ModelSignature(inputs=images, outputs=images, params=ParamSchema(
-        [ParamSpec(name, kinds[type(default)], default) for name, default in SAMPLING_DEFAULTS.items()]))
+        [ParamSpec(name, kinds[type(SAMPLING_DEFAULTS[name])], type(SAMPLING_DEFAULTS[name])(value))
+         for name, value in defaults.items()]))
 
 
-def log_restorer(checkpoint: Path, registered_model_name: str | None = None):
+def log_restorer(checkpoint: Path, registered_model_name: str | None = None, sampling: dict | None = None):
+    """Log `checkpoint` with `sampling` (steps, eta, samples, seed: what it was evaluated with)
+    as the defaults of its sampling params."""
     import diffusers
 
     return mlflow.pyfunc.log_model(
         name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
-        registered_model_name=registered_model_name, signature=signature(),
+        registered_model_name=registered_model_name, signature=signature(SAMPLING_DEFAULTS | (sampling or {})),
         # Explicit requirements: inferring them imports and inspects the whole environment.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
                           f"mlflow=={mlflow.__version__}", "restorl"],
