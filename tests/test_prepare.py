@@ -131,3 +131,30 @@ def test_too_few_images_and_unknown_split_name(tmp_path):
                           tmp_path, "need at least 3")
     _assert_fails_cleanly(smoke_params(prepare={"split": {"test": ["moon"]}}), tmp_path,
                           r"prepare\.split\.test: \['moon'\] not among")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, suffix):
+    """A near-white 16-bit image (60000 of 65535) is 233 of 255, not the clipped 255."""
+    from PIL import Image
+
+    from pipeline.data.sources import read_image
+
+    values = np.array([[0, 257, 30000, 60000, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / f"grey16{suffix}")
+    rgb = read_image(tmp_path / f"grey16{suffix}")
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 5, 3)
+    assert rgb[0, :, 0].tolist() == [0, 1, 117, 233, 255] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_transparent_pixels_are_composited_over_white(tmp_path):
+    from PIL import Image
+
+    from pipeline.data.sources import read_image
+
+    rgba = np.array([[[0, 0, 0, 0], [0, 0, 0, 255], [200, 100, 0, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    rgb = read_image(tmp_path / "alpha.png")
+    a = 128 / 255
+    half = [round(200 * a + 255 * (1 - a)), round(100 * a + 255 * (1 - a)), round(255 * (1 - a))]
+    assert rgb.tolist() == [[[255, 255, 255], [0, 0, 0], half]]

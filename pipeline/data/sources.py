@@ -29,13 +29,24 @@ class SourceImage:
 
 
 def _rgb(arr: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) from grey, RGB or RGBA of uint8, uint16 (scaled by 65535) or floats in
+    [0, 1]; alpha is composited over white (a transparent pixel shows the page, not black)."""
+    if np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"integer pixels of {arr.dtype} outside 0..65535")
+        # uint16 is 16-bit; other integer arrays holding 0..255 are 8-bit values.
+        arr = arr.astype(np.float64) / (255.0 if arr.max() <= 255 and arr.dtype != np.uint16 else 65535.0)
+    elif arr.dtype == np.uint8:
+        arr = arr.astype(np.float64) / 255.0
+    arr = np.clip(arr.astype(np.float64), 0, 1)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.shape[-1] == 2:  # grey + alpha
+        arr = np.concatenate([np.repeat(arr[..., :1], 3, axis=-1), arr[..., 1:]], axis=-1)
     if arr.shape[-1] == 4:
-        arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+        alpha = arr[..., 3:]
+        arr = arr[..., :3] * alpha + (1 - alpha)
+    return np.ascontiguousarray((arr * 255 + 0.5).astype(np.uint8))
 
 
 def load_skimage(names: list[str]) -> list[SourceImage]:
@@ -80,6 +91,10 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("RGB") would clip it at 255
+                return _rgb(np.asarray(im).astype(np.uint16))
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                return _rgb(np.asarray(im.convert("RGBA")))
             return _rgb(np.asarray(im.convert("RGB")))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
