@@ -39,7 +39,9 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> No
 
 
 def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    from pipeline.redaction import redact
+
+    typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from None
 
 
@@ -119,6 +121,7 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     from pipeline.commands import run_streamed, tool, tool_env
     from pipeline.config import load_raw
     from pipeline.part_names import validate
+    from pipeline.redaction import redact
     from pipeline.stages.evaluate import format_table
     from pipeline.storage import require_tracking_server
 
@@ -146,9 +149,9 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     if metrics_file.exists():
         typer.echo("\nTest split (metrics/evaluate.json):")
         typer.echo(format_table(json.loads(metrics_file.read_text())))
-    typer.echo(f"\nMLflow: {mlflow.get_tracking_uri()}  experiment '{cfg.tracking.experiment}', "
+    typer.echo(f"\nMLflow: {redact(mlflow.get_tracking_uri())}  experiment '{cfg.tracking.experiment}', "
                f"pipeline run {run.info.run_id}")
-    typer.echo(f"  browse: mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
+    typer.echo(f"  browse: mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")
 
 
 @app.command()

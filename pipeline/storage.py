@@ -9,6 +9,7 @@ transfer leaves no partial files behind.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from pipeline.config import StorageConfig
 from pipeline.errors import UserError
+from pipeline.redaction import redact, without_credentials
 
 # Short timeouts and few retries: an unreachable endpoint should fail in seconds with a clear
 # message, not after botocore's default minutes of back-off.
@@ -55,7 +57,7 @@ def s3_client(endpoint: str | None):
 
 
 def _where(endpoint: str | None) -> str:
-    return f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no endpoint set)"
+    return f"S3 endpoint {redact(endpoint)}" if endpoint else "AWS S3 (no endpoint set)"
 
 
 def storage_error(err: Exception, uri: str, endpoint: str | None) -> StorageError:
@@ -187,16 +189,21 @@ def require_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
+    plain, credentials = without_credentials(uri)
+    request = urllib.request.Request(f"{plain.rstrip('/')}/health")
+    if credentials:  # as MLflow sends them: basic auth, never in the URL of a request
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
             if resp.status == 200:
                 return
             problem = f"HTTP {resp.status}"
     except urllib.error.HTTPError as err:
         problem = f"HTTP {err.code}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = str(getattr(err, "reason", err))
-    raise StorageError(f"MLflow tracking server {uri} is unreachable ({problem}); check "
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        problem = redact(str(getattr(err, "reason", err)))
+    raise StorageError(f"MLflow tracking server {redact(uri)} is unreachable ({problem}); check "
                        "MLFLOW_TRACKING_URI / tracking.uri")
 
 

@@ -18,6 +18,7 @@ from pipeline.commands import PARENT_RUN_ENV, CommandError, git
 from pipeline.config import Params, flatten
 from pipeline.errors import UserError
 from pipeline.paths import Paths
+from pipeline.redaction import redact
 
 
 class TrackingError(UserError):
@@ -70,4 +71,4 @@ def stage_run(stage: str, params: Params, sections: list[str], root: Path = Path
     info = Paths(root).run_info / f"{stage}.json"
     info.parent.mkdir(parents=True, exist_ok=True)
     info.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id,
-                                "tracking_uri": mlflow.get_tracking_uri()}))
+                                "tracking_uri": redact(mlflow.get_tracking_uri())}))

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.redaction import redact
 from pipeline.atomic import atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import PairedSplit, load_split
@@ -66,7 +67,7 @@ def run(params: Params, root: Path = Path(".")) -> Decision:
     challenger = alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise PromotionError(f"registered model '{name}' has no '{CHALLENGER}' version "
-                             f"at {mlflow.get_tracking_uri()}; train a model first")
+                             f"at {redact(mlflow.get_tracking_uri())}; train a model first")
     champion = alias_version(client, name, CHAMPION)
     reward = params.promote.reward
     if champion == challenger:
