@@ -72,16 +72,26 @@ def workspace(tmp_path, prepared_smoke) -> Path:
     return tmp_path
 
 
-def kill_mid_run(args: list[str], root: Path, state: Path, timeout: float = 300) -> int:
-    """Start `args` in `root`, SIGKILL it once it has written its resume `state`; the saved step."""
+def saved_step(state: Path) -> int:
+    """The step of a resume state (0 when there is none yet)."""
+    try:
+        return torch.load(state, weights_only=True)["step"] if state.exists() else 0
+    except Exception:  # caught between the write and the rename of a temp file: not there yet
+        return 0
+
+
+def kill_mid_run(args: list[str], root: Path, state: Path, timeout: float = 300, after_step: int = 0) -> int:
+    """Start `args` in `root`, SIGKILL it once it has saved a resume `state` beyond `after_step`;
+    the saved step."""
     import signal
     import time
 
     proc = subprocess.Popen(args, cwd=root, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
+    while saved_step(state) <= after_step and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
     proc.wait()
-    assert state.exists(), "the run ended before its first checkpoint; the test needs a mid-run kill"
-    return torch.load(state, weights_only=False)["step"]
+    step = saved_step(state)
+    assert step > after_step, "the run ended before the next checkpoint; the test needs a mid-run kill"
+    return step
