@@ -118,6 +118,9 @@ class PrepareConfig(Section):
     )
     split: SplitConfig = SplitConfig(val=["coffee"], test=["chelsea", "camera"])
     patch_size: int = Field(32, ge=16, le=512, description="multiple of 8 (three UNet down-samplings)")
+    # Write each LQ at 1/lq_scale of the GT's size (its area average): the input of a
+    # super-resolution layout whose autoencoder downscales by lq_scale (docs/layouts.md).
+    lq_scale: int = Field(1, ge=1)
     patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 160, "val": 48, "test": 64})
     degradations: DegradationConfig = DegradationConfig(tasks={
         "gaussian_noise": TaskConfig(params={"sigma": (0.02, 0.06)}),
@@ -136,6 +139,12 @@ class PrepareConfig(Section):
         if v % 8:
             raise ValueError("must be a multiple of 8")
         return v
+
+    @model_validator(mode="after")
+    def _lq_scale_divides_the_patch(self) -> PrepareConfig:
+        if self.patch_size % self.lq_scale:
+            raise ValueError(f"lq_scale {self.lq_scale} does not divide patch_size {self.patch_size}")
+        return self
 
     @field_validator("patches_per_image")
     @classmethod

@@ -116,3 +116,38 @@ print(json.dumps({"shape": list(out.shape), "finite": bool(np.isfinite(out).all(
     # The adapters export merged into a plain pipeline folder.
     run_tool([str(BIN / "restorl"), "export", "checkpoints/rl", "exported"], tmp_path)
     assert load_restorer(tmp_path / "exported").layout == "sd_upscale"
+
+
+def test_super_resolution_from_an_lq_at_the_latent_size(bases, tmp_path, monkeypatch):
+    """prepare.lq_scale 2 writes 16 px LQ for 32 px GT; the ldm_sr layout (factor 2) takes them as
+    they are and restores 32 px; only the LQ row of the evaluation is upsampled; the pixel layout
+    refuses such data."""
+    from pipeline.config import ConfigError
+    from pipeline.data.dataset import load_split
+    from pipeline.stages import evaluate, prepare, rl, score, sft
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepare.run(smoke_params(prepare={"lq_scale": 2}), tmp_path)
+    paths = Paths(tmp_path)
+    train = load_split(paths.data, "train")
+    assert train.gt.shape[-1] == 32 and train.lq.shape[-1] == 16 and train.lq_scale == 2
+    RewardModel(kernels=8, hidden=16).save(paths.reward_model)
+    with pytest.raises(ConfigError, match="prepare.lq_scale is 2: the pixel layout takes the LQ at the GT's size"):
+        sft.run(smoke_params(prepare={"lq_scale": 2}), tmp_path)
+
+    params = smoke_params(prepare={"lq_scale": 2}, model={"pretrained": str(bases["ldm_sr"]), "lora": LORA})
+    sft.run(params, tmp_path)
+    score.run(params, tmp_path)
+    rl.run(params, tmp_path)
+    evaluate.run(params, tmp_path)
+    model = load_restorer(paths.rl_model)
+    assert model.lq_scale == 2
+    with torch.no_grad():
+        out = model.restore(train.lq[:2], steps=2)
+    assert out.shape == train.gt[:2].shape
+    metrics = json.loads((paths.metrics / "evaluate.json").read_text())["overall"]
+    test = load_split(paths.data, "test")
+    from pipeline.rewards import iqa
+
+    assert metrics["lq"]["psnr"] == pytest.approx(float(iqa.score("psnr", test.lq_full, test.gt).mean()), abs=1e-3)
+    assert metrics["rl"]["psnr"] > 0

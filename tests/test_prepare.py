@@ -158,3 +158,21 @@ def test_transparent_pixels_are_composited_over_white(tmp_path):
     a = 128 / 255
     half = [round(200 * a + 255 * (1 - a)), round(100 * a + 255 * (1 - a)), round(255 * (1 - a))]
     assert rgb.tolist() == [[[255, 255, 255], [0, 0, 0], half]]
+
+
+def test_lq_scale_writes_each_lq_as_the_block_mean_of_the_full_size_one(tmp_path, prepared_smoke):
+    from pipeline.data.dataset import read_manifest
+
+    prepare.run(smoke_params(prepare={"lq_scale": 2}), tmp_path)
+    small, full = read_manifest(tmp_path / "data/prepared"), read_manifest(prepared_smoke / "data/prepared")
+    assert [s["id"] for s in small["samples"]] == [s["id"] for s in full["samples"]]
+    for s, f in zip(small["samples"][:10], full["samples"][:10]):
+        lq = np.asarray(Image.open(tmp_path / "data/prepared" / s["lq"]), dtype=np.float64)
+        ref = np.asarray(Image.open(prepared_smoke / "data/prepared" / f["lq"]), dtype=np.float64)
+        assert lq.shape == (16, 16, 3) and s["gt"] == f["gt"]
+        blocks = ref.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
+        assert np.abs(lq - blocks).max() <= 0.5
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lq_scale 3 does not divide patch_size 32"):
+        smoke_params(prepare={"lq_scale": 3})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.sources import DataError
@@ -25,6 +26,19 @@ class PairedSplit:
     @property
     def tasks(self) -> list[str]:
         return [s["task"] for s in self.samples]
+
+    @property
+    def lq_scale(self) -> int:
+        """How much smaller the LQ is than the GT (prepare.lq_scale; 1: the same size)."""
+        return self.gt.shape[-1] // self.lq.shape[-1]
+
+    @property
+    def lq_full(self) -> torch.Tensor:
+        """The LQ at the GT's size, for what compares it with the GT (metrics, loss weights,
+        the reward's negatives): bicubic from a smaller LQ, the LQ itself otherwise."""
+        if self.lq_scale == 1:
+            return self.lq
+        return F.interpolate(self.lq, size=self.gt.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def read_manifest(data_dir: Path) -> dict:
@@ -62,7 +76,7 @@ def sample_weights(kind: str, data: PairedSplit) -> torch.Tensor:
     """Loss weight of each training sample: 1, or 1 / its task's mean LQ error (mean weight 1)."""
     if kind == "mse":
         return torch.ones(len(data))
-    lq_error = ((data.gt - data.lq) ** 2).mean(dim=(1, 2, 3))
+    lq_error = ((data.gt - data.lq_full) ** 2).mean(dim=(1, 2, 3))
     tasks = data.tasks
     task_error = {t: lq_error[[i for i, x in enumerate(tasks) if x == t]].mean() for t in set(tasks)}
     weights = torch.stack([1.0 / (task_error[t] + 1e-6) for t in tasks])

@@ -11,8 +11,9 @@ latent's size (concatenated channel-wise), as diffusers' pipelines of the same n
 
 The autoencoder is frozen: SFT's loss is in latent space, every reward and metric sees decoded
 images, and reward feedback back-propagates through the decoder into the UNet. restorl's LQ
-patches have the GT's size; the UNet gets them area-downsampled to the latent's size (an LQ
-already at that size is used as it is), so the output has the GT's size.
+patches have the GT's size, and the UNet gets them area-downsampled to the latent's size; or,
+with `prepare.lq_scale` equal to the autoencoder's factor, they already have the latent's size
+(`lq_scale` in restorl.json) and the output is that many times larger.
 
 A checkpoint is the diffusers folder of the pipeline (loadable by the pipeline class) plus
 restorl.json: the frozen parts are copied from the folder the model was loaded from.
@@ -37,17 +38,23 @@ class LatentRestorer(Restorer):
 
     unet_folder = "unet"
 
-    def __init__(self, unet, scheduler, autoencoder: torch.nn.Module, source: Path):
+    def __init__(self, unet, scheduler, autoencoder: torch.nn.Module, source: Path, lq_scale: int = 1):
         super().__init__(unet, scheduler)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.source = Path(source)  # the folder the frozen parts are copied from when saving
         self.factor = 2 ** (len(autoencoder.config.block_out_channels) - 1)
+        self.lq_scale = lq_scale  # 1: the LQ has the output's size; factor: the latent's
+
+    def meta(self) -> dict:
+        return super().meta() | {"lq_scale": self.lq_scale}
 
     def latent_lq(self, lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return lq if tuple(lq.shape[-2:]) == size else F.interpolate(lq, size=size, mode="area")
 
     def latent_size(self, lq: torch.Tensor) -> tuple[int, int]:
         h, w = lq.shape[-2:]
+        if self.lq_scale == self.factor:
+            return h, w
         if h % self.factor or w % self.factor:
             raise ConfigError(f"prepare.patch_size: the {self.layout} layout needs image sides that are multiples "
                               f"of {self.factor} (its autoencoder's downscale factor); got {h}x{w}")
@@ -78,7 +85,7 @@ class LdmSrRestorer(LatentRestorer):
         from diffusers import LDMSuperResolutionPipeline
 
         pipe = LDMSuperResolutionPipeline.from_pretrained(path)
-        return cls(pipe.unet, pipe.scheduler, pipe.vqvae, path)
+        return cls(pipe.unet, pipe.scheduler, pipe.vqvae, path, meta.get("lq_scale", 1))
 
     def signal(self, gt, lq):
         return self.autoencoder.encode(gt).latents
@@ -103,8 +110,8 @@ class SdUpscaleRestorer(LatentRestorer):
     layout = "sd_upscale"
 
     def __init__(self, unet, scheduler, vae, source: Path, low_res_scheduler, prompt_embeds: torch.Tensor,
-                 prompt: str, noise_level: int):
-        super().__init__(unet, scheduler, vae, source)
+                 prompt: str, noise_level: int, lq_scale: int = 1):
+        super().__init__(unet, scheduler, vae, source, lq_scale)
         self.low_res_scheduler = low_res_scheduler
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.prompt, self.noise_level = prompt, noise_level
@@ -120,7 +127,7 @@ class SdUpscaleRestorer(LatentRestorer):
         with torch.no_grad():
             embeds = pipe.encode_prompt(meta["prompt"], torch.device("cpu"), 1, False)[0]
         return cls(pipe.unet, pipe.scheduler, pipe.vae, path, pipe.low_res_scheduler, embeds,
-                   meta["prompt"], meta["noise_level"])
+                   meta["prompt"], meta["noise_level"], meta.get("lq_scale", 1))
 
     def meta(self) -> dict:
         return super().meta() | {"prompt": self.prompt, "noise_level": self.noise_level}

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.checkpoint import file_hash
 from pipeline.config import ConfigError, ModelConfig, StorageConfig
 from pipeline.models import lora
-from pipeline.models.latent import LdmSrRestorer, SdUpscaleRestorer
+from pipeline.models.latent import LatentRestorer, LdmSrRestorer, SdUpscaleRestorer
 from pipeline.models.restorer import META_FILE, PixelRestorer, Restorer
 
 LAYOUTS: dict[str, type[Restorer]] = {"pixel": PixelRestorer, "ldm_sr": LdmSrRestorer, "sd_upscale": SdUpscaleRestorer}
@@ -106,7 +106,8 @@ def load_restorer(path: Path, storage: StorageConfig | None = None,
     if found != base["hash"]:
         raise ConfigError(f"{path}: its adapters were trained on {base['uri']} with hash {base['hash']}, "
                           f"which now has hash {found}; restore that base or retrain")
-    model = load_folder(folder, folder_layout(folder), {}, {k: meta[k] for k in ("prompt", "noise_level") if k in meta})
+    settings = {k: meta[k] for k in ("prompt", "noise_level", "lq_scale") if k in meta}
+    model = load_folder(folder, folder_layout(folder), {}, settings)
     lora.load_adapters(model, meta["adapters"], Path(path))
     model.base = base
     return model
@@ -120,8 +121,16 @@ def _prepare_training(model: Restorer, cfg: ModelConfig, adapter: str) -> Restor
     return model
 
 
-def model_for_sft(cfg: ModelConfig, tasks: list[str] | None, storage: StorageConfig | None, cache: Path) -> Restorer:
+def model_for_sft(cfg: ModelConfig, tasks: list[str] | None, storage: StorageConfig | None, cache: Path,
+                  lq_scale: int = 1) -> Restorer:
+    """The model SFT starts from; `lq_scale`: how much smaller the prepared LQ is than the GT."""
     model = PixelRestorer.build(cfg, tasks) if cfg.pretrained is None else load_pretrained(cfg, storage, cache)
+    if lq_scale != 1:
+        if not isinstance(model, LatentRestorer) or lq_scale != model.factor:
+            latent = f" or at its latent's size ({model.factor})" if isinstance(model, LatentRestorer) else ""
+            raise ConfigError(f"prepare.lq_scale is {lq_scale}: the {model.layout} layout takes the LQ at the GT's "
+                              f"size (1){latent}")
+        model.lq_scale = lq_scale
     unknown = sorted(set(tasks or []) - set(model.tasks)) if model.tasks else []
     if unknown:
         raise ConfigError(f"model.pretrained: {cfg.pretrained} is conditioned on the tasks {model.tasks}; the "

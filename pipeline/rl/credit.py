@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from pipeline.config import RlConfig
@@ -96,8 +97,11 @@ def coca_advantages(adv: torch.Tensor, r: "Rollouts", window: int = 2, clip: flo
     the mean per-step scale is 1 as in DDPO, then clipped to [-clip, clip]. Other reward
     checkpoints are ignored (use reward_steps: null).
     """
+    lq = r.lq.double().cpu()
+    if relative_to_lq and lq.shape[-2:] != r.images.shape[-2:]:  # an LQ at the latent's size
+        lq = F.interpolate(lq, size=r.images.shape[-2:], mode="bicubic", align_corners=False)
     weights = coca_step_weights(r.x0.double().cpu(), r.images.double().cpu(), window,
-                                r.lq.double().cpu() if relative_to_lq else None).to(adv.dtype)
+                                lq if relative_to_lq else None).to(adv.dtype)
     to_go = weights.flip(0).cumsum(0).flip(0)
     stochastic = r.mask.bool()
     scale = to_go / to_go[stochastic].mean(dim=0, keepdim=True).clamp(min=1e-8)

@@ -45,7 +45,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             model = load_restorer(checkpoint, params.storage, paths.pretrained).to(device)
             return restore_split(model, test, params, progress=True)
 
-        outputs = {"lq": test.lq, "sft": restored(paths.sft_model)}
+        outputs = {"lq": test.lq_full, "sft": restored(paths.sft_model)}
         if paths.rl_model.exists():
             outputs["rl"] = restored(paths.rl_model)
         shown = dict(outputs)  # the grid: LQ | SFT | RL | GT

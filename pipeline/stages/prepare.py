@@ -122,6 +122,13 @@ def draw_chain(cfg: PrepareConfig, rng: np.random.Generator) -> list[tuple[str, 
     return [(n, DEGRADATIONS[n].draw_params(tasks[n].params, rng)) for n in chain]
 
 
+def area_downscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (H / factor, W / factor, 3): the mean of each factor x factor block."""
+    h, w, c = image.shape
+    blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float64)
+    return (blocks.mean(axis=(1, 3)) + 0.5).astype(np.uint8)
+
+
 def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, out: Path) -> list[dict]:
     rng = _rng(seed, split, image.name)
     size = cfg.patch_size
@@ -137,6 +144,8 @@ def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, o
         else:
             chain = draw_chain(cfg, rng)
             lq, task = degrade(gt / 255.0, chain, rng), chain[0][0]
+        if cfg.lq_scale > 1:
+            lq = area_downscale(lq, cfg.lq_scale)
         sid = f"{image.name}_{k:04d}"
         files = {}
         for kind, arr in (("gt", gt), ("lq", lq)):

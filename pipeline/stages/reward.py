@@ -62,6 +62,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     val_sft = restore(sft, val, sampling, batch, generator)
     rng = np.random.default_rng(params.runtime.seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]
+    train_lq = train.lq_full  # the LQ negatives at the GT's size
 
     model = RewardModel(cfg.kernels, cfg.hidden, cfg.blocks).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -71,7 +72,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     with tracking.stage_run("reward", params, SECTIONS, root):
         for step in tqdm(range(cfg.steps), desc="reward", unit="step"):
             idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator)
-            images, quality, hacks = training_batch(train.gt[idx], train.lq[idx], train_sft[idx],
+            images, quality, hacks = training_batch(train.gt[idx], train_lq[idx], train_sft[idx],
                                                     [f[idx] for f in fresh], generator)
             scores = model.score_view(images.to(device))  # the batch is already a random view
             quality_loss = -F.logsigmoid(scores[quality[:, 0]] - scores[quality[:, 1]]).mean()
@@ -132,7 +133,7 @@ def _stack_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
 def reward_checks(model: RewardModel, val: PairedSplit, val_sft: torch.Tensor, generator) -> dict:
     """The acceptance checks on held-out data: ranking rates and the hack controls' scores."""
     with torch.no_grad():
-        gt, lq, sft = model(val.gt), model(val.lq), model(val_sft)
+        gt, lq, sft = model(val.gt), model(val.lq_full), model(val_sft)
         hacks = {name: float(model(hack(val_sft, generator)).mean()) for name, hack in HACKS.items()}
     result = {
         "gt_above_lq": float((gt > lq).float().mean()),

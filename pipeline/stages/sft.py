@@ -39,7 +39,8 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     gt_all, lq_all = train.gt.to(device), train.lq.to(device)
     weights = sample_weights(cfg.loss, train).to(device)
 
-    model = model_for_sft(params.model, train.tasks, params.storage, paths.pretrained).to(device).train()
+    model = model_for_sft(params.model, train.tasks, params.storage, paths.pretrained,
+                          train.lq_scale).to(device).train()
     trained = model.trainable_parameters()  # the UNet, or its adapters under model.lora
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_schedule = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
