@@ -151,3 +151,34 @@ def test_task_balanced_weights_equalise_tasks():
     torch.testing.assert_close((w * lq_error)[:2].sum(), (w * lq_error)[2:].sum(), rtol=1e-3, atol=0)
     torch.testing.assert_close(w.mean(), torch.tensor(1.0))
     assert torch.equal(sample_weights("mse", data), torch.ones(4))
+
+
+def test_architecture_knobs_build_the_unet_they_name():
+    model = _model(block_out_channels=[8, 16, 16], norm_groups=4, attention_levels=[1], attention_head_dim=4,
+                   layers_per_block=2)
+    unet = model.unet
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+    assert unet.conv_norm_out.num_groups == 4 and len(unet.down_blocks[0].resnets) == 2
+    gt, lq = _batch(2, 32)
+    assert torch.isfinite(model.sft_loss(gt, lq).mean())
+    with pytest.raises(Exception, match=r"block_out_channels \[6\]: every block needs .* divisible by norm_groups \(4\)"):
+        smoke_params(model={"block_out_channels": [8, 6], "norm_groups": 4})
+    with pytest.raises(Exception, match=r"attention_levels \[3\]: block indices run from 0 to 2"):
+        smoke_params(model={"attention_levels": [3]})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from pipeline.models.loading import model_for_sft
+
+    gt, lq = _batch(2, 32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = smoke_params(model={"gradient_checkpointing": checkpointing, "attention_levels": [1]}).model
+        model = model_for_sft(cfg, None, None, None).train()
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.05)
+        assert model.unet.is_gradient_checkpointing == checkpointing
+        model.sft_loss(gt, lq, torch.Generator().manual_seed(1)).mean().backward()
+        grads.append(model.unet.conv_in.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
