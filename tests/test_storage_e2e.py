@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, REPO, smoke_raw, write_params
+from tests.conftest import BIN, REPO, smoke_params, smoke_raw, write_params
 from tests.test_storage import (
     free_port,
     moto_fixture,  # noqa: F401  (registers the `moto` fixture here)
@@ -161,8 +161,9 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
 
     local = load_restorer(root / "checkpoints/rl").eval()
     cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
-    with torch.no_grad():
-        expected = local.sample(cond, 10, 0.0, torch.Generator().manual_seed(0)).image
+    sampling = smoke_params().evaluate.sampling  # the pyfunc's defaults: the evaluated sampling
+    expected = local.restore(cond, sampling.steps, sampling.eta, torch.Generator().manual_seed(0),
+                             samples=sampling.samples)
     np.testing.assert_allclose(restored, ((expected + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
     # Promote again: the challenger already is champion, nothing changes.
