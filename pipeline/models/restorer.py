@@ -12,7 +12,7 @@ rewards talk only to the interface `Restorer` defines:
 
 A layout implements four hooks: `signal` (image -> diffused signal), `to_image` (signal ->
 image), `noise_shape` and `model_output` (one network call), plus its folder I/O
-(`save_pretrained`, `from_folder`). docs/layouts.md describes them.
+(`from_folder`, `save_folder`). docs/layouts.md describes them.
 
 Training noise comes from a DDPM scheduler, sampling uses DDIM with the same betas and
 `trailing` spacing. Images live in [-1, 1].
