@@ -1,5 +1,6 @@
 import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -176,3 +177,34 @@ def test_lq_scale_writes_each_lq_as_the_block_mean_of_the_full_size_one(tmp_path
 
     with pytest.raises(ConfigError, match="lq_scale 3 does not divide patch_size 32"):
         smoke_params(prepare={"lq_scale": 3})
+
+
+def test_every_split_holds_every_task_in_proportion(prepared_smoke):
+    """Tasks are stratified per split: equal weights give each split's tasks counts that differ
+    by at most one, so val and test never hold a task train lacks."""
+    samples = json.loads((prepared_smoke / "data/prepared/manifest.json").read_text())["samples"]
+    tasks = set(smoke_params().prepare.degradations.tasks)
+    for split in ("train", "val", "test"):
+        counts = Counter(s["task"] for s in samples if s["split"] == split)
+        if sum(counts.values()) >= len(tasks):
+            assert set(counts) == tasks, split
+        assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
+        if split != "train":
+            assert set(counts) <= {s["task"] for s in samples if s["split"] == "train"}
+
+
+def test_task_counts_follow_the_weights():
+    rng = np.random.default_rng(0)
+    assert prepare.task_counts(10, {"a": 1, "b": 4}, rng) == {"a": 2, "b": 8}
+    # Each task gets a patch when there are enough; the minimum comes out of the largest share.
+    assert prepare.task_counts(3, {"a": 100, "b": 1, "c": 1}, rng) == {"a": 1, "b": 1, "c": 1}
+    few = prepare.task_counts(2, {t: 1 for t in "abcdefg"}, rng)
+    assert sum(few.values()) == 2 and set(few.values()) == {0, 1}
+
+
+def test_a_task_val_has_and_train_lacks_is_one_error_naming_both(tmp_path):
+    """2 training patches cannot hold the 7 tasks that val's 7 patches hold: the restorer would
+    meet unknown tasks in reward, rl and evaluate."""
+    params = smoke_params(prepare={"patches_per_image": {"train": 1, "val": 7, "test": 1}})
+    _assert_fails_cleanly(params, tmp_path, r"task '\w+' is in the val split but not in train .*"
+                                            r"prepare.patches_per_image.train")

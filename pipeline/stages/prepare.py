@@ -43,11 +43,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     images = load_sources(cfg, endpoint_url(params.storage))
     splits = split_by_source([im.name for im in images], cfg, params.runtime.seed)
     paths = Paths(root)
+    paired = images[0].lq is not None  # ready pairs carry no degradation task
+    schedule = {} if paired else task_schedule(splits, cfg, params.runtime.seed)
     samples = []
     with tracking.stage_run("prepare", params, ["prepare"], root), atomic_dir(paths.data) as out:
         for image in tqdm(images, desc="prepare", unit="image"):
             split = splits[image.name]
-            samples += cut_samples(image, split, cfg, params.runtime.seed, out)
+            samples += cut_samples(image, split, cfg, params.runtime.seed, out, schedule.get(image.name))
         manifest = {"patch_size": cfg.patch_size, "source": cfg.source.kind,
                     "splits": {s: sorted(n for n, v in splits.items() if v == s) for s in SPLITS},
                     "samples": samples}
@@ -109,12 +111,56 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
-def draw_chain(cfg: PrepareConfig, rng: np.random.Generator) -> list[tuple[str, dict]]:
-    """Primary task by weight; with prob. mix_prob a second, different task after it."""
+def task_counts(total: int, weights: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
+    """`total` patches shared among the tasks in proportion to their weights (largest
+    remainder, ties broken by `rng`), every task at least one patch when there are as many
+    patches as tasks."""
+    names = sorted(weights)
+    share = np.array([weights[n] for n in names], dtype=np.float64)
+    exact = share / share.sum() * total
+    counts = np.floor(exact).astype(int)
+    if total >= len(names):
+        counts = np.maximum(counts, 1)
+    while counts.sum() > total:  # the minimum of one is taken from the tasks most above their share
+        counts[int(np.argmax(np.where(counts > 1, counts - exact, -np.inf)))] -= 1
+    tie_break = rng.permutation(len(names))
+    for i in np.lexsort((tie_break, -(exact - counts)))[:total - counts.sum()]:
+        counts[i] += 1
+    return {n: int(c) for n, c in zip(names, counts)}
+
+
+def task_schedule(splits: dict[str, str], cfg: PrepareConfig, seed: int) -> dict[str, list[str]]:
+    """The primary task of every patch, stratified per split: each split's patches are shared
+    among the tasks by weight (`task_counts`) and shuffled over its images (seeded), so every
+    task is in every split that has at least as many patches as there are tasks. A task that
+    val or test would have and train would not is an error naming both (the task-conditioned
+    restorer learns only the tasks it was trained on)."""
+    weights = {n: t.weight for n, t in cfg.degradations.tasks.items() if t.weight > 0}
+    schedule, covered, totals = {}, {}, {}
+    for split in SPLITS:
+        names = sorted(n for n, s in splits.items() if s == split)
+        per_image = cfg.patches_per_image[split]
+        totals[split] = per_image * len(names)
+        rng = _rng(seed, split, "tasks")
+        counts = task_counts(totals[split], weights, rng)
+        order = [t for t, c in counts.items() for _ in range(c)]
+        rng.shuffle(order)
+        schedule |= {n: order[i * per_image:(i + 1) * per_image] for i, n in enumerate(names)}
+        covered[split] = {t for t, c in counts.items() if c}
+    for split in ("val", "test"):
+        missing = sorted(covered[split] - covered["train"])
+        if missing:
+            raise DataError(f"prepare: task '{missing[0]}' is in the {split} split but not in train "
+                            f"({len(covered['train'])} of {len(weights)} tasks fit in train's "
+                            f"{totals['train']} patches); raise prepare.patches_per_image.train "
+                            "or add training images")
+    return schedule
+
+
+def draw_chain(cfg: PrepareConfig, rng: np.random.Generator, first: str) -> list[tuple[str, dict]]:
+    """The primary task `first`; with prob. mix_prob a second, different task after it."""
     tasks = {n: t for n, t in cfg.degradations.tasks.items() if t.weight > 0}
     names = sorted(tasks)
-    weights = np.array([tasks[n].weight for n in names])
-    first = names[rng.choice(len(names), p=weights / weights.sum())]
     chain = [first]
     others = [n for n in names if n != first]
     if others and rng.random() < cfg.degradations.mix_prob:
@@ -129,7 +175,9 @@ def area_downscale(image: np.ndarray, factor: int) -> np.ndarray:
     return (blocks.mean(axis=(1, 3)) + 0.5).astype(np.uint8)
 
 
-def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, out: Path) -> list[dict]:
+def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, out: Path,
+                tasks: list[str] | None = None) -> list[dict]:
+    """The image's patches of `split`; `tasks`: the primary task of each (`task_schedule`)."""
     rng = _rng(seed, split, image.name)
     size = cfg.patch_size
     h, w = image.gt.shape[:2]
@@ -142,7 +190,7 @@ def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, o
         if image.lq is not None:
             lq, chain, task = image.lq[y:y + size, x:x + size], [], "pairs"
         else:
-            chain = draw_chain(cfg, rng)
+            chain = draw_chain(cfg, rng, tasks[k])
             lq, task = degrade(gt / 255.0, chain, rng), chain[0][0]
         if cfg.lq_scale > 1:
             lq = area_downscale(lq, cfg.lq_scale)
