@@ -482,17 +482,28 @@ class RlConfig(Section):
 
 
 class PromoteConfig(Section):
-    """The gate from `challenger` to `champion`; both are scored on the same test split with
-    `evaluate.sampling`. Figures are split means."""
+    """The gate from the version the `rl` stage registered (metrics/rl.json) to `champion`; both
+    are scored on the same test split with `evaluate.sampling`. Figures are split means."""
 
-    # Scorer name resolved by pipeline.iqa.score (a pyiqa metric today, the learned reward
-    # model's name once it is registered there); its direction comes from iqa.lower_is_better.
-    reward: str = "piqe"
+    # `learned`: the reward model in checkpoints/reward, which must be the one the challenger was
+    # trained with; or a pyiqa metric name (its direction comes from pyiqa).
+    reward: str = "learned"
     # Required improvement of the reward, in its better direction (0: must not get worse).
     min_reward_gain: float = 0.0
-    # How far PSNR (dB) / SSIM may fall below the champion's: guards against reward hacking.
-    psnr_tolerance: float = Field(0.1, ge=0)
-    ssim_tolerance: float = Field(0.005, ge=0)
+    # Full-reference judges the challenger was not trained on -> how much worse than the best of
+    # the champion lineage it may be (in the metric's units; the direction comes from pyiqa).
+    # Against the lineage's best, not the current champion's: tolerances cannot ratchet down.
+    guards: dict[str, float] = Field(default_factory=lambda: {"psnr": 0.1, "ssim": 0.005, "gmsd": 0.002})
+
+    @field_validator("guards")
+    @classmethod
+    def _guards(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("at least one full-reference judge (e.g. psnr, ssim, gmsd) must guard promotion")
+        bad = sorted(k for k, tol in v.items() if not tol >= 0)
+        if bad:
+            raise ValueError(f"tolerances of {bad} must be >= 0")
+        return v
 
 
 class StorageConfig(Section):

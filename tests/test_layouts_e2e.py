@@ -61,7 +61,7 @@ def test_stages_run_each_layout(bases, workspace, monkeypatch, layout, adapters)
         assert (paths.rl_model / "unet/config.json").exists()
     metrics = json.loads((paths.metrics / "evaluate.json").read_text())
     assert {"sft", "rl"} <= set(metrics["overall"]) and metrics["overall"]["rl"]["psnr"] > 0
-    version = MlflowClient().get_model_version("restorer", summary["model_version"])
+    version = MlflowClient().get_model_version("restorer", summary["registered"]["version"])
     assert version.tags["restorl.layout"] == layout
     assert version.tags["restorl.base_uri"] == str(bases[layout])
     assert version.tags["restorl.adapters"] == ("sft,rl" if adapters else "")

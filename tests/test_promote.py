@@ -1,9 +1,11 @@
-"""`restorl promote`: challenger vs champion on the same test split, decisions recorded, idempotent.
+"""`restorl promote`: the rl stage's registered version vs champion on the same test split,
+judged by the learned reward and full-reference guards, decisions recorded, idempotent.
 
 Models are real registered pyfunc versions of `restorer`. Their quality is set by
 construction, not by training (too slow here): a freshly built restorer has a zero output
 layer, so it returns the LQ input exactly ("identity"); random weights in that layer
-add structured noise ("noisy"), which costs PSNR and SSIM.
+add structured noise ("noisy", `std` sets how much), which costs PSNR and SSIM. The learned
+reward is a randomly initialised reward model of the real class in checkpoints/reward.
 """
 
 import json
@@ -15,9 +17,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from pipeline.checkpoint import file_hash
 from pipeline.data.dataset import load_split
 from pipeline.model_registry import register_restorer
 from pipeline.models.restorer import PixelRestorer
+from pipeline.models.reward_model import RewardModel
 from pipeline.paths import Paths
 from pipeline.rewards import iqa
 from pipeline.stages import promote as promote_stage
@@ -36,23 +40,34 @@ def empty_db(tmp_path_factory):
 
 @pytest.fixture
 def store(workspace, empty_db, monkeypatch):
-    """The prepared smoke workspace with its own SQLite MLflow store."""
+    """The prepared smoke workspace with its own SQLite MLflow store and a reward model."""
     shutil.copy(empty_db, workspace / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     monkeypatch.chdir(workspace)
+    torch.manual_seed(0)
+    RewardModel(kernels=8, hidden=16).save(Paths(workspace).reward_model)
     return workspace
 
 
-def register(root, kind: str) -> str:
-    """Register a restorer that returns the LQ ("identity") or LQ plus structured noise ("noisy")."""
+def register(root, kind: str, std: float = 0.3, record: bool = True) -> str:
+    """Register a restorer that returns the LQ ("identity") or LQ plus structured noise ("noisy")
+    as the rl stage does: tagged with the reward model's hash and, with `record`, named in
+    metrics/rl.json as the version this workspace's rl stage registered."""
     params = smoke_params()
     model = PixelRestorer.build(params.model)
     if kind == "noisy":
-        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.3, generator=torch.Generator().manual_seed(0))
-    ckpt = root / "checkpoints" / kind
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=std, generator=torch.Generator().manual_seed(0))
+    ckpt = root / "checkpoints" / f"{kind}{std}"
     model.save_pretrained(ckpt)
-    with tracking.stage_run("sft", params, ["sft"], root) as run:
-        return register_restorer(params, ckpt, {"restorl.stage": "sft", "restorl.run_id": run.info.run_id})
+    with tracking.stage_run("rl", params, ["rl"], root) as run:
+        version = register_restorer(params, ckpt, {
+            "restorl.stage": "rl", "restorl.run_id": run.info.run_id,
+            "restorl.reward_hash": file_hash(Paths(root).reward_model)})
+    if record:
+        (root / "metrics").mkdir(exist_ok=True)
+        (root / "metrics/rl.json").write_text(json.dumps(
+            {"registered": {"model": NAME, "version": version, "run_id": run.info.run_id}}))
+    return version
 
 
 def promote(root, **promote_cfg) -> promote_stage.Decision:
@@ -101,20 +116,126 @@ def test_better_challenger_is_promoted(store):
     assert aliases(client) == {"champion": better, "challenger": better}
     new, old = decision.figures["challenger"], decision.figures["champion"]
     assert new["psnr"] > old["psnr"] and new["ssim"] > old["ssim"] and new["reward"] > old["reward"]
+    assert new["gmsd"] < old["gmsd"]  # the independent judge (lower is better) agrees
     tags = client.get_model_version(NAME, better).tags
     assert tags["restorl.promote.against"] == worse
     assert float(tags["restorl.promote.champion_psnr"]) == pytest.approx(old["psnr"], rel=1e-4)
+
+
+def test_the_default_reward_is_the_learned_one_the_challenger_was_trained_with(store):
+    """`learned` scores restorations with checkpoints/reward; a reward model other than the one
+    the version records (restorl.reward_hash) cannot judge it."""
+    from pipeline.models.loading import load_restorer
+    from pipeline.models.sampling import restore_split
+    from pipeline.rewards.scorers import LearnedScorer
+
+    version = register(store, "noisy")
+    decision = promote(store)
+    assert decision.outcome == "promoted" and decision.reward == "learned"
+    test = load_split(Paths(store).data, "test")
+    restored = restore_split(load_restorer(store / "checkpoints/noisy0.3"), test, smoke_params())
+    expected = float(LearnedScorer(Paths(store).reward_model, torch.device("cpu"))(restored).mean())
+    assert decision.figures["challenger"]["reward"] == pytest.approx(expected, abs=1e-5)
+
+    register(store, "identity")
+    torch.manual_seed(1)
+    RewardModel(kernels=8, hidden=16).save(Paths(store).reward_model)  # another reward model
+    with pytest.raises(promote_stage.PromotionError, match=r"checkpoints/reward is not the reward model v2 "
+                                                            r"was trained with"):
+        promote(store)
+    assert aliases(MlflowClient())["champion"] == version
+
+
+def test_a_challenger_that_games_its_reward_is_refused_by_the_independent_judge():
+    """Reward up, PSNR and SSIM within tolerance, GMSD (never trained on) clearly worse: refused."""
+    params = smoke_params()
+    champion = {"reward": -6.3, "psnr": 30.0, "ssim": 0.900, "gmsd": 0.040}
+    gamed = {"reward": -5.0, "psnr": 29.95, "ssim": 0.898, "gmsd": 0.050}
+    outcome, reason = promote_stage.judge({"challenger": gamed, "champion": champion}, params)
+    assert outcome == "refused" and reason.startswith("gmsd 0.05 is 0.01 worse") and "psnr" not in reason
+    honest = gamed | {"gmsd": 0.041}
+    assert promote_stage.judge({"challenger": honest, "champion": champion}, params)[0] == "promoted"
+
+
+def test_guards_cannot_ratchet_down_along_the_champion_lineage(store):
+    """v2 loses a little PSNR against v1 and is promoted; v3 loses as little against v2 but more
+    than the tolerance against v1, the lineage's best: refused."""
+    v1 = register(store, "identity")
+    promote(store)
+    v2 = register(store, "noisy", std=0.02)
+    v3 = register(store, "noisy", std=0.04, record=False)
+    psnr = {v: float(MlflowClient().get_model_version(NAME, v1).tags["restorl.promote.psnr"]) for v in [v1]}
+    test = load_split(Paths(store).data, "test")
+    from pipeline.models.loading import load_restorer
+    from pipeline.models.sampling import restore_split
+
+    for v, folder in ((v2, "noisy0.02"), (v3, "noisy0.04")):
+        restored = restore_split(load_restorer(store / "checkpoints" / folder), test, smoke_params())
+        psnr[v] = float(iqa.score("psnr", restored, test.gt).mean())
+    steps = psnr[v1] - psnr[v2], psnr[v2] - psnr[v3]
+    tolerance = 0.7 * (psnr[v1] - psnr[v3])
+    assert 0 < max(steps) < tolerance, (psnr, tolerance)  # each step alone is within the tolerance
+    loose = {"min_reward_gain": -1e9, "guards": {"psnr": tolerance, "ssim": 1.0, "gmsd": 1.0}}
+    assert promote(store, **loose).outcome == "promoted"
+    best = MlflowClient().get_model_version(NAME, v2).tags["restorl.promote.best.psnr"]
+    assert float(best) == pytest.approx(psnr[v1], abs=1e-4)  # v2 carries v1's PSNR forward
+    (store / "metrics/rl.json").write_text(json.dumps({"registered": {
+        "model": NAME, "version": v3, "run_id": MlflowClient().get_model_version(NAME, v3).tags["restorl.run_id"]}}))
+    decision = promote(store, **loose)
+    assert decision.outcome == "refused" and decision.champion == v2
+    assert "psnr" in decision.reason and "lineage's best" in decision.reason
+    assert decision.lineage_best["psnr"] == pytest.approx(psnr[v1], abs=1e-4)
+    assert aliases(MlflowClient())["champion"] == v2
+
+
+def test_promote_judges_the_version_its_rl_stage_registered_not_the_alias(store):
+    """Another workspace's run moved `challenger` after this one's rl stage registered v1."""
+    mine = register(store, "identity")
+    other = register(store, "noisy", record=False)
+    client = MlflowClient()
+    assert aliases(client)["challenger"] == other
+    decision = promote(store)
+    assert decision.challenger == mine and aliases(client)["champion"] == mine
+    # A version number that exists but was registered by another run: a different store.
+    (store / "metrics/rl.json").write_text(json.dumps({"registered": {"model": NAME, "version": other,
+                                                                      "run_id": "someone-else"}}))
+    with pytest.raises(promote_stage.PromotionError, match=r"v2 .* was registered by run \w+, not by this "
+                                                            r"workspace's rl run someone-else"):
+        promote(store)
+
+
+def test_a_champion_moved_during_the_judgement_is_not_overwritten(store, monkeypatch):
+    """Compare-and-set: a second promote moves `champion` while this one scores (caused here by
+    moving the alias from inside the scoring call: two real processes cannot be timed to race)."""
+    first = register(store, "noisy")
+    promote(store)
+    elsewhere = register(store, "noisy", std=0.1, record=False)
+    challenger = register(store, "identity")
+    score = promote_stage.score_version
+
+    def score_while_another_promote_moves_the_alias(*args, **kwargs):
+        figures = score(*args, **kwargs)
+        MlflowClient().set_registered_model_alias(NAME, "champion", elsewhere)
+        return figures
+
+    monkeypatch.setattr(promote_stage, "score_version", score_while_another_promote_moves_the_alias)
+    with pytest.raises(promote_stage.PromotionError, match=f"'champion' moved from v{first} to v{elsewhere} "
+                                                           f"while v{challenger} was being judged"):
+        promote(store, min_reward_gain=-1e9)
+    client = MlflowClient()
+    assert aliases(client)["champion"] == elsewhere
+    assert not any(k.startswith("restorl.promote.") for k in client.get_model_version(NAME, challenger).tags)
 
 
 def test_fidelity_regression_is_refused_even_if_the_reward_allows_it(store):
     champion = register(store, "identity")
     promote(store)
     challenger = register(store, "noisy")
-    # Any reward change is accepted, so only PSNR/SSIM can refuse it.
-    decision = promote(store, reward="piqe", min_reward_gain=-1e9)
+    # Any reward change is accepted, so only the guards can refuse it.
+    decision = promote(store, min_reward_gain=-1e9)
     client = MlflowClient()
     assert decision.outcome == "refused"
-    assert "psnr" in decision.reason and "ssim" in decision.reason and "piqe" not in decision.reason
+    assert all(m in decision.reason for m in ("psnr", "ssim", "gmsd")) and "learned" not in decision.reason
     assert aliases(client)["champion"] == champion
     tags = client.get_model_version(NAME, challenger).tags
     assert tags["restorl.promote.decision"] == "refused" and "psnr" in tags["restorl.promote.reason"]
@@ -150,7 +271,8 @@ def test_repeated_promote_is_a_no_op(store):
     assert client.get_model_version(NAME, challenger).tags == tags_before
     assert len(promote_runs(client)) == runs_before
     # Different settings are a new question, so it is judged again.
-    assert promote(store, min_reward_gain=-1e9, psnr_tolerance=100, ssim_tolerance=1).outcome == "promoted"
+    loose = {"psnr": 100, "ssim": 1, "gmsd": 1}
+    assert promote(store, min_reward_gain=-1e9, guards=loose).outcome == "promoted"
     assert promote(store).outcome == "unchanged"  # challenger is now champion
 
 
@@ -165,8 +287,19 @@ def test_missing_metrics_refuse_without_changing_anything(store):
     assert not any(k.startswith("restorl.promote.") for k in client.get_model_version(NAME, challenger).tags)
 
 
-def test_no_challenger_is_a_clear_refusal(store):
-    with pytest.raises(promote_stage.PromotionError, match="no 'challenger' version"):
+def test_judges_that_cannot_be_independent_are_refused(store):
+    register(store, "identity")
+    with pytest.raises(promote_stage.PromotionError, match=r"promote.guards.gmsd: the challenger was trained "
+                                                            r"on gmsd \(rl.reward\)"):
+        promote_stage.run(smoke_params(rl={"reward": {"learned": 1.0, "gmsd": 0.1}}), store)
+    with pytest.raises(promote_stage.PromotionError, match="promote.guards.piqe: not a full-reference metric"):
+        promote(store, guards={"piqe": 1.0})
+    assert "champion" not in aliases(MlflowClient())
+
+
+def test_no_registered_rl_version_is_a_clear_refusal(store):
+    with pytest.raises(promote_stage.PromotionError, match=r"metrics/rl.json not found: promote judges the "
+                                                            r"version this workspace's rl stage registered"):
         promote(store)
 
 
@@ -176,7 +309,7 @@ def test_cli_refusal_is_one_error_line_and_exit_2(tmp_path):
     write_params(tmp_path, raw)
     proc = run_tool([str(BIN / "restorl"), "promote"], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "error: registered model 'restorer' has no 'challenger' version" in proc.stderr
+    assert "error: metrics/rl.json not found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics").exists()
 
@@ -184,7 +317,7 @@ def test_cli_refusal_is_one_error_line_and_exit_2(tmp_path):
 def test_judge_reads_the_reward_direction_from_the_metric():
     """PIQE is lower-is-better: a challenger 10 below the champion gains +10, one 10 above loses."""
     params = smoke_params(promote={"reward": "piqe", "min_reward_gain": 1.0})
-    fidelity = {"psnr": 30.0, "ssim": 0.9}
+    fidelity = {"psnr": 30.0, "ssim": 0.9, "gmsd": 0.04}
     better = {"challenger": {"reward": 40.0, **fidelity}, "champion": {"reward": 50.0, **fidelity}}
     outcome, reason = promote_stage.judge(better, params)
     assert outcome == "promoted" and reason.startswith("piqe gain +10")
@@ -192,7 +325,8 @@ def test_judge_reads_the_reward_direction_from_the_metric():
     assert promote_stage.judge(worse, params)[0] == "refused"
     as_psnr = smoke_params(promote={"reward": "psnr", "min_reward_gain": 1.0})  # higher is better
     assert promote_stage.judge(worse, as_psnr)[0] == "promoted"
-
+    learned = smoke_params(promote={"reward": "learned", "min_reward_gain": 1.0})  # higher is better
+    assert promote_stage.judge(worse, learned)[0] == "promoted"
 
 
 def test_the_summary_separates_each_name_from_its_figures():
@@ -213,7 +347,7 @@ def test_the_registered_model_restores_as_evaluate_does_by_default(store):
     params = smoke_params()
     test = load_split(Paths(store).data, "test")
     some = type(test)(test.gt[:3], test.lq[:3], test.samples[:3])
-    expected = restore_split(load_restorer(store / "checkpoints/noisy"), some, params)
+    expected = restore_split(load_restorer(store / "checkpoints/noisy0.3"), some, params)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{version}")
     batch = ((some.lq + 1) / 2).permute(0, 2, 3, 1).numpy()
     restored = model.predict(batch)

@@ -392,7 +392,7 @@ def test_each_method_runs_the_rl_stage(method, scored_workspace, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = validate(method_raw(method), method)
     summary = rl.run(params, tmp_path)
-    assert summary["rollouts"] == 2 * 2 * 2 and summary["model_version"] == "1"
+    assert summary["rollouts"] == 2 * 2 * 2 and summary["registered"]["version"] == "1"
     assert (Paths(tmp_path).rl_model / "unet/diffusion_pytorch_model.safetensors").exists()
     with open(Paths(tmp_path).plots / "rl_curves.csv", newline="") as f:
         history = list(csv.DictReader(f))

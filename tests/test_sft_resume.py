@@ -1,6 +1,7 @@
 """A killed `restorl sft` resumes from its last checkpoint and ends where an uninterrupted run does."""
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import BIN, kill_mid_run, run_tool, smoke_raw, write_params
@@ -132,3 +133,34 @@ def test_a_resume_state_is_read_as_data_never_as_code(tmp_path):
                                  generator=torch.Generator()) is None  # refused, moved aside, fresh start
     assert not marker.exists()
     assert (tmp_path / "resume" / f"{checkpoint.STATE_FILE}.unreadable").exists()
+
+
+def test_resumed_ema_weights_sit_on_the_model_device(workspace, monkeypatch, capsys):
+    """The resume state is read onto the CPU; the EMA's shadow weights must follow the model to
+    its device, or the first EMA step after a resume on a GPU worker fails. On a CPU-only machine
+    both are the CPU: this guards the invariant, and catches a regression only where the model
+    runs on another device (a GPU run)."""
+    from diffusers.training_utils import EMAModel
+
+    from pipeline.config import load_params
+    from pipeline.stages import sft
+
+    _params(workspace, **SHORT)
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["runtime"]["device"] = "cpu"
+    write_params(workspace, raw)
+    state = workspace / "checkpoints/resume/sft/state.pt"
+    assert kill_mid_run([str(BIN / "restorl"), "sft"], workspace, state) > 0
+    pairs = []
+    step = EMAModel.step
+
+    def step_checking_devices(self, parameters):
+        parameters = list(parameters)
+        pairs.extend((s.device, p.device) for s, p in zip(self.shadow_params, parameters))
+        return step(self, parameters)
+
+    monkeypatch.setattr(EMAModel, "step", step_checking_devices)
+    monkeypatch.chdir(workspace)
+    sft.run(load_params(workspace / "params.yaml"), workspace)
+    assert "resuming from step" in capsys.readouterr().out
+    assert pairs and all(shadow == param for shadow, param in pairs)

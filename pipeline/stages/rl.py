@@ -104,18 +104,26 @@ def run(params: Params, root: Path = Path(".")) -> dict:
                 checkpoint.save_state(resume_dir, fingerprint=fingerprint, step=epoch + 1, objects=resumable,
                                       generator=s.generator, stats=stats | {"best": asdict(stats["best"])})
         summary = save_outputs(params, paths, s.model, stats, time.perf_counter() - t0)
-        version = register_restorer(params, paths.rl_model, {
-            "restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
-            "restorl.data_hash": checkpoint.file_hash(paths.manifest, paths.difficulty_table),
-            "restorl.git_commit": tracking.git_commit(root),
-            "restorl.run_id": active.info.run_id, "restorl.best_epoch": str(stats["best"].epoch)}, paths.pretrained)
+        tags = {"restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
+                "restorl.data_hash": checkpoint.file_hash(paths.manifest, paths.difficulty_table),
+                "restorl.git_commit": tracking.git_commit(root),
+                "restorl.run_id": active.info.run_id, "restorl.best_epoch": str(stats["best"].epoch)}
+        if "learned" in cfg.reward:  # promote judges with the reward the model was trained on
+            tags["restorl.reward_hash"] = checkpoint.file_hash(paths.reward_model)
+        version = register_restorer(params, paths.rl_model, tags, paths.pretrained)
+        # The version promote judges: this run's, not whatever the `challenger` alias points at.
+        summary["registered"] = {"model": params.tracking.registered_model, "version": version,
+                                 "run_id": active.info.run_id}
+        with atomic_file(paths.metrics / "rl.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        mlflow.log_artifact(str(paths.metrics / "rl.json"))
     checkpoint.clear_state(resume_dir)
     best = stats["best"]
     print(f"rl: {cfg.epochs} epochs ({summary['rollouts']} rollouts) in {summary['seconds']:.0f}s; best epoch "
           f"{best.epoch}: val reward {best.val['reward']:.4g} (SFT {stats['baseline']['reward']:.4g}), "
           f"val PSNR {best.val['psnr']:.2f} (SFT {stats['baseline']['psnr']:.2f}); "
           f"registered {params.tracking.registered_model} v{version}")
-    return summary | {"model_version": version}
+    return summary
 
 
 def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.device) -> Setup:
@@ -140,7 +148,8 @@ def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.dev
 
 
 def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, seconds: float) -> dict:
-    """The best epoch's model, metrics/rl.json and plots/rl_curves.csv (logged to the active run)."""
+    """The best epoch's model and plots/rl_curves.csv (logged to the active run); the summary
+    `run` writes to metrics/rl.json once the model is registered."""
     cfg, best = params.rl, stats["best"]
     model.load_trainable_state(best.weights)
     with atomic_dir(paths.rl_model) as tmp:
@@ -151,12 +160,9 @@ def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, sec
                "val_reward_gain": round(best.gain, 6),
                "val_psnr_drop": round(stats["baseline"]["psnr"] - best.val["psnr"], 4),
                "final_epoch": stats["history"][-1] if stats["history"] else None}
-    with atomic_file(paths.metrics / "rl.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
     write_curves(paths.plots / "rl_curves.csv", stats["history"])
     mlflow.log_metrics({"train_seconds": seconds, "best_epoch": best.epoch})
-    for path in (paths.metrics / "rl.json", paths.plots / "rl_curves.csv"):
-        mlflow.log_artifact(str(path))
+    mlflow.log_artifact(str(paths.plots / "rl_curves.csv"))
     return summary
 
 
