@@ -122,7 +122,7 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     from pipeline.config import load_raw
     from pipeline.part_names import validate
     from pipeline.redaction import redact
-    from pipeline.stages.evaluate import format_table
+    from pipeline.stages.evaluate import format_table, merge
     from pipeline.storage import require_tracking_server
 
     try:
@@ -145,10 +145,11 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
         typer.echo(f"\nRL (metrics/rl.json): {rl['rollouts']} rollouts, best epoch {rl['best_epoch']} of {rl['epochs']}; "
                    f"val reward {val['rl']['reward']:.4g} (SFT {val['sft']['reward']:.4g}), "
                    f"val PSNR {val['rl']['psnr']:.2f} dB (SFT {val['sft']['psnr']:.2f})")
-    metrics_file = Path("metrics/evaluate.json")
+    metrics_file, detail_file = Path("metrics/evaluate.json"), Path("metrics/evaluate_detail.json")
     if metrics_file.exists():
-        typer.echo("\nTest split (metrics/evaluate.json):")
-        typer.echo(format_table(json.loads(metrics_file.read_text())))
+        typer.echo("\nTest split (metrics/evaluate.json, per task: metrics/evaluate_detail.json):")
+        detail = json.loads(detail_file.read_text()) if detail_file.exists() else {"per_task": {}}
+        typer.echo(format_table(merge(json.loads(metrics_file.read_text()), detail)))
     typer.echo(f"\nMLflow: {redact(mlflow.get_tracking_uri())}  experiment '{cfg.tracking.experiment}', "
                f"pipeline run {run.info.run_id}")
     typer.echo(f"  browse: mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")

@@ -257,7 +257,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
     grid_images: int = Field(8, ge=1)
     # PSNR/SSIM etc. by pyiqa metric name (full-reference) and no-reference metrics.
-    fr_metrics: list[str] = Field(default_factory=lambda: ["psnr", "ssim"])
+    fr_metrics: list[str] = Field(default_factory=lambda: ["psnr", "ssim", "gmsd", "fsim", "nlpd"])
     nr_metrics: list[str] = Field(default_factory=lambda: ["piqe"])
 
 
@@ -439,8 +439,9 @@ class RlConfig(Section):
     kl_beta: float = Field(0.0, ge=0)
     difficulty: DifficultyConfig = DifficultyConfig()
     # Validation each epoch on this many val patches (evaluate.sampling): the best epoch by
-    # val reward gain over SFT among those whose PSNR fell by at most psnr_guard dB ships.
-    val_images: int = Field(24, ge=1)
+    # val reward gain over SFT among those whose PSNR fell by at most psnr_guard dB, overall
+    # and on every task, ships.
+    val_images: int = Field(48, ge=1)
     psnr_guard: float = Field(0.3, ge=0)
     # RL refuses a learned reward that failed its held-out checks (metrics/reward.json) unless
     # this is true; an override is tagged on the RL run (restorl.reward_checks_failed).

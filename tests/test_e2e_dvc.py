@@ -41,7 +41,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     for row in ["sft", "rl", *controls]:
         assert {"psnr", "ssim", "piqe", "reward"} <= set(metrics["overall"][row])
     assert {"piqe", "reward"} <= set(metrics["overall"]["gt"])
-    assert set(metrics["per_task"]["gaussian_noise"]) >= {"n", "rl", "sft_blur"}
+    assert set(metrics["rl_vs_sft"]["psnr"]) == {"diff", "lo", "hi"} and "per_task" not in metrics
+    detail = json.loads((tmp_path / "metrics/evaluate_detail.json").read_text())
+    assert set(detail["per_task"]["gaussian_noise"]) >= {"n", "rl", "sft_blur"}
+    assert set(detail["vs_sft"]) == {"rl"} | controls
 
     # reward, score and rl made their outputs.
     assert (tmp_path / "checkpoints/reward/model.safetensors").exists()

@@ -207,6 +207,18 @@ def test_selection_never_ships_an_epoch_that_lost_more_psnr_than_the_guard():
     assert loop.select(kept, 3, loop.Validation(-4.8, 30.1), baseline, 0.3, base_model) is kept, "smaller gain"
 
 
+def test_selection_refuses_an_epoch_that_buys_its_gain_with_one_tasks_fidelity():
+    """Overall PSNR within the guard, low light 1 dB down (the reward brightening it): not shipped."""
+    base_model, _ = _rollouts()
+    baseline = {"reward": -5.0, "psnr": 30.0, "task_psnr": {"low_light": 24.0, "jpeg": 34.0}}
+    best = loop.Selection(0, 0.0, baseline, base_model.trainable_state())
+    drift = loop.Validation(-4.0, 29.9, {"low_light": 23.0, "jpeg": 34.2})
+    assert loop.psnr_losses(drift, baseline) == pytest.approx({"overall": 0.1, "low_light": 1.0, "jpeg": -0.2})
+    assert loop.select(best, 1, drift, baseline, 0.3, base_model) is best
+    even = loop.Validation(-4.5, 29.9, {"low_light": 23.8, "jpeg": 34.0})
+    assert loop.select(best, 2, even, baseline, 0.3, base_model).epoch == 2
+
+
 @pytest.mark.parametrize("w, changed_term", [(0.0, "rl"), (1.0, "sft")])
 def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
     """w = 0: the PPO term cannot matter (only SFT + KL train); w = 1: the SFT term cannot."""

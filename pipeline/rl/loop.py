@@ -12,13 +12,13 @@ bench/rl_timing.py times them one by one.
              w * L_RL + (1 - w) * lambda_sft * L_SFT + beta * KL + regularizers.
   validation val reward and PSNR, restored as `evaluate` restores.
   selection  the epoch with the best val reward gain over SFT whose PSNR fell by at most
-             `psnr_guard` dB (epoch 0 is the SFT model itself).
+             `psnr_guard` dB, overall and on every task (epoch 0 is the SFT model itself).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,9 +78,10 @@ class UpdateLosses:
 class Validation:
     reward: float
     psnr: float
+    task_psnr: dict[str, float] = field(default_factory=dict)  # per degradation task
 
-    def as_dict(self) -> dict[str, float]:
-        return {"reward": self.reward, "psnr": self.psnr}
+    def as_dict(self) -> dict:
+        return {"reward": self.reward, "psnr": self.psnr, "task_psnr": dict(self.task_psnr)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,11 +176,16 @@ def _mean(value: torch.Tensor | float) -> float:
 
 
 def validate(model: Restorer, reward: Reward, val: PairedSplit, params: Params) -> Validation:
-    """Mean reward and PSNR of the val restorations (deterministic: `evaluate.sampling`, fixed seed)."""
+    """Mean reward and PSNR of the val restorations, and PSNR per task (deterministic:
+    `evaluate.sampling`, fixed seed)."""
     restored = restore_split(model, val, params)
     with torch.no_grad():
         r = reward(restored.to(model.device), val.gt.to(model.device))
-    return Validation(round(float(r.mean()), 6), round(float(iqa.score("psnr", restored, val.gt).mean()), 4))
+    psnr = iqa.score("psnr", restored, val.gt)
+    tasks = val.tasks
+    task_psnr = {t: round(float(psnr[[i for i, x in enumerate(tasks) if x == t]].mean()), 4)
+                 for t in sorted(set(tasks))}
+    return Validation(round(float(r.mean()), 6), round(float(psnr.mean()), 4), task_psnr)
 
 
 @dataclass
@@ -188,16 +194,25 @@ class Selection:
 
     epoch: int
     gain: float  # val reward gain over SFT
-    val: dict[str, float]
+    val: dict
     weights: dict[str, torch.Tensor]  # the trained tensors at that epoch (Restorer.trainable_state), on the CPU
+
+
+def psnr_losses(result: Validation, baseline: dict) -> dict[str, float]:
+    """dB of val PSNR lost against SFT: overall and per task."""
+    losses = {"overall": baseline["psnr"] - result.psnr}
+    base_tasks = baseline.get("task_psnr", {})
+    return losses | {t: base_tasks[t] - v for t, v in result.task_psnr.items() if t in base_tasks}
 
 
 def select(best: Selection, epoch: int, result: Validation, baseline: Validation | dict, psnr_guard: float,
            model: Restorer) -> Selection:
-    """`epoch` replaces `best` when its val reward gain is larger and its PSNR fell by at most `psnr_guard`."""
+    """`epoch` replaces `best` when its val reward gain is larger and its PSNR fell by at most
+    `psnr_guard`, overall and on every task: a gain bought by one task's fidelity (the reward
+    brightening low-light outputs, say) does not ship."""
     base = baseline if isinstance(baseline, dict) else baseline.as_dict()
-    gain, drop = result.reward - base["reward"], base["psnr"] - result.psnr
-    if drop <= psnr_guard and gain > best.gain:
+    gain = result.reward - base["reward"]
+    if max(psnr_losses(result, base).values()) <= psnr_guard and gain > best.gain:
         return Selection(epoch, gain, result.as_dict(), model.trainable_state())
     return best
 
@@ -236,5 +251,6 @@ def epoch_record(epoch: int, samples: EpochSamples, checkpoints: list[int], grou
         "weight_rl": float(w.mean()), "weight_sft": float(1 - w.mean()),
         "val_reward": val.reward, "val_psnr": val.psnr, "val_reward_gain": val.reward - baseline["reward"],
         "val_psnr_drop": baseline["psnr"] - val.psnr,
+        "val_psnr_drop_worst_task": max(psnr_losses(val, baseline).values()),
     }
     return record

@@ -2,11 +2,15 @@
 
 Rows: LQ, SFT, RL (when `checkpoints/rl` exists), the hack controls applied to the SFT output
 (dither sigma 1/255, unsharp mask, 3x3 blur, contrast x1.05: an RL gain smaller than a
-control's is no gain) and GT. Full-reference metrics (PSNR, SSIM by pyiqa) compare with GT;
-no-reference metrics (PIQE, and the learned `reward` when `checkpoints/reward` exists) score
-each image alone, GT included. Figures are given overall and per degradation task.
-Output: `metrics/evaluate.json` (DVC metrics), `plots/eval_grid.png` (LQ | SFT | RL | GT), and
-the same in an MLflow run.
+control's is no gain) and GT. Full-reference metrics (`evaluate.fr_metrics`, by pyiqa: PSNR,
+SSIM, and GMSD, FSIM and NLPD, judges RL never trained on) compare with GT; no-reference
+metrics (PIQE, and the learned `reward` when `checkpoints/reward` exists) score each image
+alone, GT included. Figures are given overall and per degradation task, and for RL and each
+control against SFT: the mean paired difference with a 95 % bootstrap interval over patches,
+so a row "improves" a metric only when its interval clears zero.
+Output: `metrics/evaluate.json` (DVC metrics: every row overall, RL against SFT),
+`metrics/evaluate_detail.json` (per task, every row against SFT), `plots/eval_grid.png`
+(LQ | SFT | RL | GT, labelled), and the same in an MLflow run.
 """
 
 from __future__ import annotations
@@ -56,14 +60,18 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
             scorers["reward"] = lambda images: learned(images.to(device))
         metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers,
-                                weights_dir=pyiqa_cache_dir(params.storage))
+                                weights_dir=pyiqa_cache_dir(params.storage), seed=params.runtime.seed)
         metrics["sampling"] = cfg.sampling.model_dump()
-        with atomic_file(paths.metrics / "evaluate.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2))
+        headline, detail = split_headline(metrics)
+        for name, content in (("evaluate.json", headline), ("evaluate_detail.json", detail)):
+            with atomic_file(paths.metrics / name) as tmp:
+                tmp.write_text(json.dumps(content, indent=2))
         save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
         mlflow.log_metrics({k: v for k, v in flatten(metrics["overall"]).items()})
         mlflow.log_metrics({f"task.{k}": v for k, v in flatten(metrics["per_task"]).items()})
+        mlflow.log_metrics({f"vs_sft.{k}": v for k, v in flatten(metrics["vs_sft"]).items()})
         mlflow.log_artifact(str(paths.metrics / "evaluate.json"))
+        mlflow.log_artifact(str(paths.metrics / "evaluate_detail.json"))
         mlflow.log_artifact(str(paths.plots / "eval_grid.png"))
     print(format_table(metrics))
     return metrics
@@ -71,8 +79,9 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
 def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],
                   nr_metrics: list[str], scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                  weights_dir: Path | None = None) -> dict:
-    """Mean of each metric per output row, overall and per task; GT gets the NR metrics.
+                  weights_dir: Path | None = None, seed: int = 0) -> dict:
+    """Mean of each metric per output row, overall and per task; GT gets the NR metrics; and
+    each row other than LQ, SFT and GT against SFT (`paired_interval`, resampled with `seed`).
 
     `scorers`: further no-reference scores by name (higher is better), e.g. the learned reward;
     `weights_dir`: where pyiqa's weight files lie (None: pyiqa's cache).
@@ -89,23 +98,73 @@ def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metric
         full_reference = {m: iqa.score(m, images, data.gt, weights_dir=weights_dir) for m in fr_metrics}
         per_image[row] = full_reference | no_reference(images)
     per_image["gt"] = no_reference(data.gt)
+    directions = {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics} | {m: True for m in scorers}
 
     def means(mask: torch.Tensor) -> dict:
         return {row: {m: round(float(v[mask].mean()), 4) for m, v in scores.items()}
                 for row, scores in per_image.items()}
 
     tasks = np.array(data.tasks)
+    generator = torch.Generator().manual_seed(seed)
     return {
         "n_test": len(data),
-        "higher_is_better": {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics} | {m: True for m in scorers},
+        "higher_is_better": directions,
         "overall": means(torch.ones(len(data), dtype=torch.bool)),
+        # Each row against SFT on the same patches: a row improves a metric only when the
+        # interval clears zero on its better side.
+        "vs_sft": {row: {m: paired_interval(scores[m], per_image["sft"][m], generator)
+                         for m in scores} for row, scores in per_image.items()
+                   if "sft" in per_image and row not in ("lq", "sft", "gt")},
         "per_task": {t: {"n": int((tasks == t).sum()), **means(torch.from_numpy(tasks == t))}
                      for t in sorted(set(tasks))},
     }
 
 
+DETAIL = ("per_task", "vs_sft")  # in metrics/evaluate_detail.json; the headline keeps RL against SFT
+
+
+def split_headline(metrics: dict) -> tuple[dict, dict]:
+    """(metrics/evaluate.json, metrics/evaluate_detail.json): the headline DVC shows with
+    `dvc metrics show`/`diff` (every row overall, RL against SFT), and the detail (per task,
+    every row against SFT) that `restorl repro` prints and MLflow keeps. `merge` undoes it."""
+    headline = {k: v for k, v in metrics.items() if k not in DETAIL}
+    if "rl" in metrics.get("vs_sft", {}):
+        headline["rl_vs_sft"] = metrics["vs_sft"]["rl"]
+    return headline, {k: metrics[k] for k in DETAIL if k in metrics}
+
+
+def merge(headline: dict, detail: dict) -> dict:
+    return {k: v for k, v in headline.items() if k != "rl_vs_sft"} | detail
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_interval(row: torch.Tensor, sft: torch.Tensor, generator: torch.Generator,
+                    resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, float]:
+    """Mean per-patch difference row - SFT and its 95 % percentile bootstrap interval over
+    patches (the same resampled patches for both: paired)."""
+    diff = (row - sft).double()
+    idx = torch.randint(0, len(diff), (resamples, len(diff)), generator=generator)
+    lo, hi = torch.quantile(diff[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": round(float(diff.mean()), 4), "lo": round(lo, 4), "hi": round(hi, 4)}
+
+
+def verdict(interval: dict[str, float], higher_is_better: bool) -> str:
+    """better | worse | unclear: whether the interval clears zero, read in the metric's direction."""
+    lo, hi = (interval["lo"], interval["hi"]) if higher_is_better else (-interval["hi"], -interval["lo"])
+    return "better" if lo > 0 else "worse" if hi < 0 else "unclear"
+
+
+GRID_MARGIN = 14  # px of the label strips: column names on top, task names on the left
+
+
 def save_grid(path: Path, outputs: dict[str, torch.Tensor], data: PairedSplit, n: int, zoom: int = 4) -> None:
-    """Rows of LQ | each output | GT, one sample per task in turn, enlarged for viewing."""
+    """Rows of LQ | each output | GT, one sample per task in turn, enlarged for viewing; the
+    columns are named on top, each row's task on the left, and each output's PSNR against GT
+    (dB) sits in its top-left corner."""
+    from PIL import ImageDraw
+
     by_task: dict[str, list[int]] = {}
     for i, t in enumerate(data.tasks):
         by_task.setdefault(t, []).append(i)
@@ -114,11 +173,27 @@ def save_grid(path: Path, outputs: dict[str, torch.Tensor], data: PairedSplit, n
         picks += [ids[depth] for ids in by_task.values() if depth < len(ids)][: n - len(picks)]
         depth += 1
     columns = list(outputs.values()) + [data.gt]
+    names = [name.upper() for name in outputs] + ["GT (PSNR dB in the corners)"]
     rows = [torch.cat([col[i] for col in columns], dim=2) for i in picks]
     grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     grid = np.kron(grid, np.ones((zoom, zoom, 1), np.uint8))
+    cell_h, cell_w = data.gt.shape[2] * zoom, data.gt.shape[3] * zoom
+    label_w = 6 * max(len(data.tasks[i]) for i in picks) + 8
+    canvas = Image.new("RGB", (label_w + grid.shape[1], GRID_MARGIN + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label_w, GRID_MARGIN))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(names):
+        draw.text((label_w + c * cell_w + 3, 2), name, fill="black")
+    for r, i in enumerate(picks):
+        top = GRID_MARGIN + r * cell_h
+        draw.text((3, top + cell_h // 2 - 5), data.tasks[i], fill="black")
+        for c, col in enumerate(columns[:-1]):
+            db = float(iqa.psnr(col[i:i + 1].float().cpu(), data.gt[i:i + 1].float().cpu()))
+            left = label_w + c * cell_w
+            draw.rectangle((left, top, left + 40, top + 11), fill="black")
+            draw.text((left + 2, top), f"{db:.1f}", fill="white")
     with atomic_file(path) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
 
 
 def format_table(metrics: dict) -> str:
@@ -132,4 +207,10 @@ def format_table(metrics: dict) -> str:
         for row, scores in ((k, v) for k, v in block.items() if k != "n"):
             cells = "".join(f"{scores[m]:>10.3f}" if m in scores else f"{'':>10}" for m in names)
             lines.append(f"{task:<16}{block['n']:>5}  {row:<14}{cells}")
+    if metrics.get("vs_sft"):
+        lines += ["", "Against SFT on the same patches: mean difference [95 % bootstrap interval] and verdict"]
+        for row, figures in metrics["vs_sft"].items():
+            cells = [f"{m} {f['diff']:+.4g} [{f['lo']:+.4g}, {f['hi']:+.4g}] "
+                     f"{verdict(f, metrics['higher_is_better'][m])}" for m, f in figures.items()]
+            lines.append(f"  {row:<14}" + ";  ".join(cells))
     return "\n".join(lines)

@@ -97,26 +97,15 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             record = loop.epoch_record(epoch + 1, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,
                                        result, stats["baseline"], cfg.kl_beta)
             stats["history"].append(record)
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}
+                               | {f"val_psnr.{t}": v for t, v in result.task_psnr.items()}, step=epoch + 1)
             bar.set_postfix(reward=f"{record['reward.final.mean']:.3g}", val_psnr=f"{result.psnr:.2f}",
                             loss_rl=f"{record['loss_rl']:.2g}")
             if epoch + 1 < cfg.epochs:
                 checkpoint.save_state(resume_dir, fingerprint=fingerprint, step=epoch + 1, objects=resumable,
                                       generator=s.generator, stats=stats | {"best": asdict(stats["best"])})
         summary = save_outputs(params, paths, s.model, stats, time.perf_counter() - t0)
-        tags = {"restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
-                "restorl.data_hash": checkpoint.file_hash(paths.manifest, paths.difficulty_table),
-                "restorl.git_commit": tracking.git_commit(root),
-                "restorl.run_id": active.info.run_id, "restorl.best_epoch": str(stats["best"].epoch)}
-        if "learned" in cfg.reward:  # promote judges with the reward the model was trained on
-            tags["restorl.reward_hash"] = checkpoint.file_hash(paths.reward_model)
-        version = register_restorer(params, paths.rl_model, tags, paths.pretrained)
-        # The version promote judges: this run's, not whatever the `challenger` alias points at.
-        summary["registered"] = {"model": params.tracking.registered_model, "version": version,
-                                 "run_id": active.info.run_id}
-        with atomic_file(paths.metrics / "rl.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2))
-        mlflow.log_artifact(str(paths.metrics / "rl.json"))
+        version = register(params, paths, summary, stats["best"].epoch, active.info.run_id, root)
     checkpoint.clear_state(resume_dir)
     best = stats["best"]
     print(f"rl: {cfg.epochs} epochs ({summary['rollouts']} rollouts) in {summary['seconds']:.0f}s; best epoch "
@@ -151,19 +140,45 @@ def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, sec
     """The best epoch's model and plots/rl_curves.csv (logged to the active run); the summary
     `run` writes to metrics/rl.json once the model is registered."""
     cfg, best = params.rl, stats["best"]
+    losses = loop.psnr_losses(loop.Validation(**best.val), stats["baseline"])
+    worst, best_drop = max(((t, v) for t, v in losses.items() if t != "overall"), key=lambda tv: tv[1],
+                           default=("overall", losses["overall"]))
     model.load_trainable_state(best.weights)
     with atomic_dir(paths.rl_model) as tmp:
         model.save_pretrained(tmp)
     summary = {"epochs": cfg.epochs, "rollouts": cfg.epochs * cfg.images_per_epoch * cfg.group_size,
                "seconds": round(seconds, 1), "best_epoch": best.epoch,
-               "val": {"sft": stats["baseline"], "rl": best.val},
+               "val": {"sft": headline(stats["baseline"]), "rl": headline(best.val)},
                "val_reward_gain": round(best.gain, 6),
                "val_psnr_drop": round(stats["baseline"]["psnr"] - best.val["psnr"], 4),
+               "val_psnr_drop_worst_task": round(best_drop, 4), "worst_task": worst,
                "final_epoch": stats["history"][-1] if stats["history"] else None}
     write_curves(paths.plots / "rl_curves.csv", stats["history"])
     mlflow.log_metrics({"train_seconds": seconds, "best_epoch": best.epoch})
     mlflow.log_artifact(str(paths.plots / "rl_curves.csv"))
     return summary
+
+
+def register(params: Params, paths: Paths, summary: dict, best_epoch: int, run_id: str, root: Path) -> str:
+    """Register checkpoints/rl and write metrics/rl.json naming the version: the one promote
+    judges (this run's, not whatever the `challenger` alias points at)."""
+    tags = {"restorl.stage": "rl", "restorl.params_hash": params.section_hash(*SECTIONS),
+            "restorl.data_hash": checkpoint.file_hash(paths.manifest, paths.difficulty_table),
+            "restorl.git_commit": tracking.git_commit(root), "restorl.run_id": run_id,
+            "restorl.best_epoch": str(best_epoch)}
+    if "learned" in params.rl.reward:  # promote judges with the reward the model was trained on
+        tags["restorl.reward_hash"] = checkpoint.file_hash(paths.reward_model)
+    version = register_restorer(params, paths.rl_model, tags, paths.pretrained)
+    summary["registered"] = {"model": params.tracking.registered_model, "version": version, "run_id": run_id}
+    with atomic_file(paths.metrics / "rl.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    mlflow.log_artifact(str(paths.metrics / "rl.json"))
+    return version
+
+
+def headline(val: dict) -> dict[str, float]:
+    """The val figures without the per-task detail (that goes to MLflow): a DVC metric each."""
+    return {k: v for k, v in val.items() if k != "task_psnr"}
 
 
 def write_curves(path: Path, history: list[dict]) -> None:

@@ -1,0 +1,54 @@
+"""`evaluate`'s judgement of a row against SFT (paired bootstrap) and its labelled image grid."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.dataset import load_split
+from pipeline.stages import evaluate
+
+
+def test_the_interval_is_paired_and_read_in_the_metrics_direction():
+    g = torch.Generator().manual_seed(0)
+    sft = torch.linspace(20, 40, 64)  # patches differ a lot from each other...
+    better = sft + 0.1 + 0.01 * torch.randn(64, generator=g)  # ...the row beats SFT on each one
+    interval = evaluate.paired_interval(better, sft, g)
+    assert 0.09 < interval["lo"] < interval["diff"] < interval["hi"] < 0.11
+    assert evaluate.verdict(interval, higher_is_better=True) == "better"
+    assert evaluate.verdict(interval, higher_is_better=False) == "worse"  # e.g. GMSD, lower is better
+    # Unpaired, the spread of the patches would hide a 0.1 gain; zero-mean noise is unclear.
+    noise = sft + torch.randn(64, generator=g)
+    assert evaluate.verdict(evaluate.paired_interval(noise - (noise - sft).mean(), sft, g), True) == "unclear"
+    assert evaluate.paired_interval(sft + 2, sft, g) == {"diff": 2.0, "lo": 2.0, "hi": 2.0}
+
+
+def test_every_row_but_lq_sft_and_gt_is_judged_against_sft(prepared_smoke):
+    test = load_split(prepared_smoke / "data/prepared", "test")
+    sft = (test.lq_full + test.gt) / 2
+    outputs = {"lq": test.lq_full, "sft": sft, "rl": sft + 0.02, "sft_blur": sft * 0.9}
+    metrics = evaluate.score_outputs(outputs, test, ["psnr", "gmsd"], ["piqe"])
+    assert set(metrics["vs_sft"]) == {"rl", "sft_blur"}
+    assert set(metrics["vs_sft"]["rl"]) == {"psnr", "gmsd", "piqe"}
+    mean_gap = metrics["overall"]["rl"]["psnr"] - metrics["overall"]["sft"]["psnr"]
+    assert metrics["vs_sft"]["rl"]["psnr"]["diff"] == pytest.approx(mean_gap, abs=2e-4)
+    table = evaluate.format_table(metrics)
+    assert "  rl            psnr " in table and " worse;" in table
+    assert metrics["higher_is_better"]["gmsd"] is False
+
+
+def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
+    test = load_split(prepared_smoke / "data/prepared", "test")
+    outputs = {"lq": test.lq_full, "sft": test.gt.clone(), "rl": test.gt.clone()}
+    evaluate.save_grid(tmp_path / "grid.png", outputs, test, 3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    cell = 32 * 4
+    label_w = grid.shape[1] - 4 * cell
+    assert grid.shape[0] == evaluate.GRID_MARGIN + 3 * cell and label_w > 40
+    assert (grid[:evaluate.GRID_MARGIN, label_w:] < 100).any(), "column names on top"
+    assert (grid[evaluate.GRID_MARGIN:, :label_w] < 100).any(), "task names on the left"
+    # The GT column is the GT itself, untouched by labels.
+    gt = ((test.gt[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    first_gt = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))[
+        evaluate.GRID_MARGIN:evaluate.GRID_MARGIN + cell, label_w + 3 * cell:][::4, ::4]
+    assert np.array_equal(first_gt, gt)  # the first row is the first patch
