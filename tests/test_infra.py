@@ -105,6 +105,18 @@ def test_dockerfile_cuda_runtime_project_installed_non_root():
         "PREFECT_SERVER_ANALYTICS_ENABLED", ""))
 
 
+def test_the_cuda_base_matches_the_cuda_of_the_pinned_torch_wheels():
+    """torch's wheels bring their CUDA runtime (nvidia-cuda-runtime in constraints.txt); the
+    image's CUDA base must be the same major.minor, or the driver/runtime pairing is untested."""
+    import re
+
+    base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)", (INFRA / "Dockerfile").read_text(), re.M)
+    wheels = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)", (REPO / "constraints.txt").read_text(), re.M)
+    assert base and wheels, "Dockerfile FROM nvidia/cuda:X.Y… and constraints.txt nvidia-cuda-runtime==X.Y… expected"
+    assert base.groups() == wheels.groups(), (f"Dockerfile CUDA {'.'.join(base.groups())} vs torch wheels' CUDA "
+                                              f"{'.'.join(wheels.groups())} (constraints.txt)")
+
+
 def test_compose_points_workers_to_the_kubernetes_template():
     # The GPU job template itself lives in infra/k8s/ (owned by the Prefect flow work).
     assert "infra/k8s/" in (INFRA / "compose.yaml").read_text()

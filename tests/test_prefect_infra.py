@@ -87,3 +87,19 @@ def test_pull_steps_clone_at_a_ref_and_pull_dvc_inputs():
                for s in steps)
     # The shell step runs inside the clone.
     assert kinds.index("prefect.deployments.steps.set_working_directory") < len(kinds) - 1
+
+
+def test_credentials_come_from_a_secret_and_shm_is_a_memory_volume():
+    """Job variables are readable with the deployment: credentials come from a Kubernetes Secret
+    (envFrom), and /dev/shm is a memory-backed volume (the container default is 64 MiB)."""
+    template = _template()
+    values = _defaults(template) | {"credentials_secret": "team-s3", "shm_size": "2Gi"}
+    job = apply_values(template["job_configuration"], values)
+    container = _container(job)
+    assert container["envFrom"] == [{"secretRef": {"name": "team-s3"}}]
+    [mount] = container["volumeMounts"]
+    assert mount["mountPath"] == "/dev/shm"
+    [volume] = job["job_manifest"]["spec"]["template"]["spec"]["volumes"]
+    assert volume == {"name": mount["name"], "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}
+    env_help = template["variables"]["properties"]["env"]["description"]
+    assert "credentials go in the Secret" in env_help and "AWS_SECRET_ACCESS_KEY" not in json.dumps(_defaults(template))
