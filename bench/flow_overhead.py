@@ -52,7 +52,7 @@ def time_flow(root: Path, profile: str | None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--profile", default="smoke", help="a profiles/ name, or 'default' for params.yaml as is")
+    parser.add_argument("--profile", default="smoke", help="a pipeline/profiles/ name, or 'default' for params.yaml as is")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     if args.profile == "default":

@@ -66,7 +66,7 @@ def training_pipeline(
     """Run the dvc.yaml stages in order, then `restorl promote` if asked.
 
     overrides: params sections deep-merged over params.yaml (and the profile); validated first.
-    profile: a profile in profiles/ merged over params.yaml.  git_ref: check this ref out first.
+    profile: a profile in pipeline/profiles/ merged over params.yaml.  git_ref: check this ref out first.
     push: `dvc push` each stage's outputs when a DVC remote is configured.
     force: stages to re-run even when DVC finds them up to date; ["*"] for all of them.
     retries / retry_delay_s: attempts after a transient failure; the delay doubles each time.

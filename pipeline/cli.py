@@ -15,7 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="RL fine-tuning of diffusion image restorers from IQA rewards.")
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="params file")
-ProfileOpt = typer.Option(None, "--profile", help="profile in profiles/ merged over the params file")
+ProfileOpt = typer.Option(None, "--profile", help="a shipped profile (smoke, quality, faces, methods/<name>) or a .yaml file, merged over the params file")
 # Bad params, data, URIs or missing artefacts: one message naming the culprit, exit status 2.
 USER_ERRORS = (UserError, FileNotFoundError)
 
@@ -96,12 +96,14 @@ def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
 @app.command("params")
 def show_params(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
                 output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout")) -> None:
-    """Print (or write) the validated params with a profile merged in (part names checked too)."""
+    """Print (or write) the validated params with a profile merged in (part names checked too).
+    Without a params file here it starts from restorl's defaults: `restorl params -o
+    params.yaml` writes a workspace's first params.yaml."""
     from pipeline.config import load_raw
     from pipeline.part_names import validate
 
     try:
-        raw = load_raw(params, profile)
+        raw = load_raw(params, profile, defaults_if_missing=params == ParamsOpt.default)
         validate(raw, str(params) + (f" (profile {profile})" if profile else ""))
     except USER_ERRORS as err:
         _fail(err)

@@ -5,7 +5,8 @@ params.yaml's values (a test holds them equal). Loading goes through `load_param
 or a wrong type fails before any work starts, with the offending key spelled out. Names that
 pick a part (a degradation, an RL objective, ...) are checked against the registries that hold
 the parts (pipeline/part_names.py), so this module imports none of them.
-Profiles (``profiles/<name>.yaml``) are partial overrides deep-merged on top.
+Profiles (``pipeline/profiles/<name>.yaml``, installed with the package, or any ``.yaml`` file
+named by its path) are partial overrides deep-merged on top.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = PROJECT_ROOT / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"  # package data: installed with restorl
 
 
 class ConfigError(UserError, ValueError):
@@ -388,10 +388,10 @@ class GtLikelihoodConfig(Section):
 class RlConfig(Section):
     """Difficulty-adaptive RL from the learned reward: reward feedback (`refl`) on hard samples,
     the SFT loss on easy ones. `objective: ppo` with `kl_beta` ~50 is the policy-gradient variant
-    (profiles/methods/ppo.yaml).
+    (pipeline/profiles/methods/ppo.yaml).
 
     The other seed methods are combinations of the parts below (docs/rl_methods.md,
-    profiles/methods/*.yaml): `objective`, `step_credit`, `step_weighting`, `regularizers`.
+    pipeline/profiles/methods/*.yaml): `objective`, `step_credit`, `step_weighting`, `regularizers`.
     """
 
     # Seed of this stage's generator (image draws, rollout noise, minibatches); None: runtime.seed.
@@ -594,11 +594,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def profile_overrides(profile: str) -> dict[str, Any]:
+    """A shipped profile by name, or a profile file by its path (ending in .yaml/.yml)."""
+    if profile.endswith((".yaml", ".yml")):
+        return read_yaml(Path(profile))
     path = PROFILES_DIR / f"{profile}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"profile '{profile}' not found at {path}; known profiles: {known}")
     return read_yaml(path)
+
+
+def default_raw() -> dict[str, Any]:
+    """The schema's defaults as a params mapping: params.yaml's values, without its comments."""
+    raw = Params().model_dump(mode="json")
+    raw["rl"]["reward_steps"] = None  # null: [rl.steps], filled in by RlConfig; left to follow rl.steps
+    return raw
 
 
 def validate(raw: dict[str, Any], source: str) -> Params:
@@ -615,8 +625,11 @@ def validate(raw: dict[str, Any], source: str) -> Params:
         raise ConfigError(f"{source}: invalid params: " + "; ".join(problems)) from None
 
 
-def load_raw(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
-    raw = read_yaml(Path(path))
+def load_raw(path: str | Path = "params.yaml", profile: str | None = None,
+             defaults_if_missing: bool = False) -> dict[str, Any]:
+    """The params file with `profile` merged over it; `defaults_if_missing`: the schema's
+    defaults when the file does not exist (how `restorl params` starts a workspace)."""
+    raw = default_raw() if defaults_if_missing and not Path(path).exists() else read_yaml(Path(path))
     if profile:
         raw = deep_merge(raw, profile_overrides(profile))
     return raw

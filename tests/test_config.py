@@ -60,3 +60,13 @@ def test_section_hash_tracks_only_named_sections():
     b = validate(raw, "x")
     assert a.section_hash("sft") == b.section_hash("sft")
     assert a.section_hash("evaluate") != b.section_hash("evaluate")
+
+
+def test_a_profile_can_be_a_file_of_ones_own(tmp_path):
+    from pipeline.config import load_params
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("sft: {steps: 7}\n")
+    assert load_params(REPO / "params.yaml", str(mine)).sft.steps == 7
+    with pytest.raises(ConfigError, match=r"missing.yaml: file not found"):
+        load_params(REPO / "params.yaml", str(tmp_path / "missing.yaml"))

@@ -71,7 +71,7 @@ def test_params_merge_profile_and_overrides_and_restore(tmp_path):
 
     # A second run starts from the original file, not from the first run's overrides.
     raw = materialise_params(tmp_path, "smoke", {"sft": {"batch_size": 2}})
-    assert raw["sft"]["steps"] == yaml.safe_load((REPO / "profiles/smoke.yaml").read_text())["sft"]["steps"]
+    assert raw["sft"]["steps"] == yaml.safe_load((REPO / "pipeline/profiles/smoke.yaml").read_text())["sft"]["steps"]
     # No profile, no overrides: the user's file comes back verbatim.
     materialise_params(tmp_path, None, {})
     assert (tmp_path / "params.yaml").read_text() == original

@@ -30,7 +30,7 @@ from pipeline.rl.regularizers import (
     wavelet_ll_l1,
 )
 from pipeline.rl.rollout import collect
-from tests.conftest import smoke_params, smoke_raw
+from tests.conftest import REPO, smoke_params, smoke_raw
 
 METHODS = ("ddpo", "coca", "lrpo", "rfsr", "ppo", "uniform")
 # ppo.yaml scores steps 5 and 10 of the default 10-step rollouts; smoke rollouts have 3 steps.
@@ -325,7 +325,7 @@ def test_defaults_keep_the_seed_method():
     assert (cfg.objective, cfg.step_credit, cfg.step_weighting, cfg.regularizers) == \
         ("refl", "next_checkpoint", "uniform", [])
     assert cfg.difficulty.weighting == "adaptive" and cfg.kl_beta == 0.0
-    ppo = validate(deep_merge(load_raw(PROFILES_DIR.parent / "params.yaml"), read_yaml(PROFILES_DIR / "methods/ppo.yaml")), "ppo").rl
+    ppo = validate(deep_merge(load_raw(REPO / "params.yaml"), read_yaml(PROFILES_DIR / "methods/ppo.yaml")), "ppo").rl
     assert (ppo.objective, ppo.reward_steps, ppo.kl_beta, ppo.difficulty.weighting) == ("ppo", [5, 10], 50.0, "adaptive")
     for name in METHODS:
         validate(method_raw(name), name)  # every method file is valid on the smoke profile

@@ -8,7 +8,7 @@ dvc.lock and params.yaml are committed to Git: DVC experiments are based on the 
 
     dvc exp run --temp -n <method>-s<seed> -S rl.seed=<seed> [-S rl.epochs=N] -S <method's keys> evaluate
 
-The method's profile (profiles/methods/<name>.yaml) is flattened to one `-S` per leaf key, as
+The method's profile (pipeline/profiles/methods/<name>.yaml) is flattened to one `-S` per leaf key, as
 `restorl params --profile` would deep-merge it; keys params.yaml lacks get hydra's `+`. Only rl
 (and score, where the reward changes) re-run; prepare, sft and reward come from the cache.
 `--temp` runs each experiment in its own directory, so the workspace (params.yaml, outputs)

@@ -40,5 +40,5 @@ def require_passed(path: Path, allow_failed: bool) -> list[str]:
     if found and not allow_failed:
         raise RewardError(f"{path}: the learned reward did not pass its held-out checks ({'; '.join(found)}); RL would "
                           "optimise a reward that misranks images. Train a better reward (reward.steps, "
-                          "profiles/quality.yaml) or set rl.allow_failed_reward_checks: true to train anyway")
+                          "pipeline/profiles/quality.yaml) or set rl.allow_failed_reward_checks: true to train anyway")
     return found
