@@ -252,6 +252,17 @@ class SftConfig(Section):
     log_every: int = Field(10, ge=1)
 
 
+class BenchmarkConfig(Section):
+    """A held-out image folder `evaluate` scores every model on, beside the test split."""
+
+    # A folder or s3:// prefix: HQ images (cut and degraded as prepare does: patch_size,
+    # lq_scale, degradations) or ready pairs (gt/ and lq/ with the same names).
+    path: str
+    patches_per_image: int = Field(16, ge=1)
+    # Ready pairs: the degradation their LQ shows (a task-conditioned restorer needs the name).
+    task: str | None = None
+
+
 class EvaluateConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(64, ge=1)
@@ -259,6 +270,8 @@ class EvaluateConfig(Section):
     # PSNR/SSIM etc. by pyiqa metric name (full-reference) and no-reference metrics.
     fr_metrics: list[str] = Field(default_factory=lambda: ["psnr", "ssim", "gmsd", "fsim", "nlpd"])
     nr_metrics: list[str] = Field(default_factory=lambda: ["piqe"])
+    # name -> a held-out image folder, each a block of metrics/evaluate.json and the table.
+    benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

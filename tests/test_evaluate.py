@@ -1,5 +1,7 @@
 """`evaluate`'s judgement of a row against SFT (paired bootstrap) and its labelled image grid."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,65 @@ def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
     first_gt = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))[
         evaluate.GRID_MARGIN:evaluate.GRID_MARGIN + cell, label_w + 3 * cell:][::4, ::4]
     assert np.array_equal(first_gt, gt)  # the first row is the first patch
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark folders (evaluate.benchmarks)
+
+
+def _folder_of_images(folder, names=("astronaut", "rocket")):
+    import skimage.data
+
+    folder.mkdir(parents=True)
+    for name in names:
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())[:80, :96]).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture
+def identity_models(workspace):
+    """checkpoints/sft: a task-conditioned restorer that returns its LQ (a zero output layer)."""
+    from pipeline.models.restorer import PixelRestorer
+    from tests.conftest import smoke_params
+
+    model = PixelRestorer.build(smoke_params().model, list(smoke_params().prepare.degradations.tasks))
+    model.save_pretrained(workspace / "checkpoints/sft")
+    return workspace
+
+
+def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp_path, monkeypatch):
+    """An HQ folder is cut and degraded as prepare does (tasks stratified); a folder of ready
+    pairs is taken as it is, under the task it names. Each is a block of evaluate.json."""
+    from pipeline.data.benchmarks import load_benchmark
+    from tests.conftest import smoke_params
+
+    root = identity_models
+    hq = _folder_of_images(tmp_path / "hq")
+    pairs = tmp_path / "pairs"
+    _folder_of_images(pairs / "gt", ["coins"]), _folder_of_images(pairs / "lq", ["coins"])
+    benchmarks = {"photos": {"path": str(hq), "patches_per_image": 7},
+                  "mine": {"path": str(pairs), "patches_per_image": 3, "task": "jpeg"}}
+    params = smoke_params(evaluate={"benchmarks": benchmarks})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    metrics = evaluate.run(params, root)
+
+    photos = load_benchmark("photos", params.evaluate.benchmarks["photos"], params.prepare, 0)
+    assert len(photos) == 14 and len(set(photos.tasks)) == 7  # 14 patches share the 7 tasks
+    block = metrics["benchmarks"]["photos"]
+    assert block["n_test"] == 14 and set(block["per_task"]) == set(photos.tasks)
+    # The identity restorer returns the LQ: its PSNR is the LQ's, on the benchmark's own patches.
+    assert block["overall"]["sft"]["psnr"] == pytest.approx(block["overall"]["lq"]["psnr"], abs=1e-3)
+    mine = metrics["benchmarks"]["mine"]
+    assert mine["n_test"] == 3 and list(mine["per_task"]) == ["jpeg"]
+    assert mine["overall"]["lq"]["psnr"] > 60  # gt/ and lq/ are the same images here
+    headline = json.loads((root / "metrics/evaluate.json").read_text())
+    detail = json.loads((root / "metrics/evaluate_detail.json").read_text())
+    assert set(headline["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"}
+    assert "per_task" not in headline["benchmarks"]["photos"] and "photos" in detail["benchmarks"]
+    assert "Benchmark 'photos'" in evaluate.format_table(evaluate.merge(headline, detail))
+
+    # Ready pairs without a task name: one error naming the key, not a traceback from the model.
+    unnamed = smoke_params(evaluate={"benchmarks": {"mine": {"path": str(pairs), "patches_per_image": 3}}})
+    with pytest.raises(evaluate.DataError, match=r"evaluate.benchmarks.mine: task\(s\) \['pairs'\] unknown to the "
+                                                 r"restorer.*set evaluate.benchmarks.mine.task"):
+        evaluate.run(unnamed, root)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.sources import DataError
+from pipeline.data.patches import task_counts
 from pipeline.stages import prepare
 from tests.conftest import smoke_params
 
@@ -195,10 +196,10 @@ def test_every_split_holds_every_task_in_proportion(prepared_smoke):
 
 def test_task_counts_follow_the_weights():
     rng = np.random.default_rng(0)
-    assert prepare.task_counts(10, {"a": 1, "b": 4}, rng) == {"a": 2, "b": 8}
+    assert task_counts(10, {"a": 1, "b": 4}, rng) == {"a": 2, "b": 8}
     # Each task gets a patch when there are enough; the minimum comes out of the largest share.
-    assert prepare.task_counts(3, {"a": 100, "b": 1, "c": 1}, rng) == {"a": 1, "b": 1, "c": 1}
-    few = prepare.task_counts(2, {t: 1 for t in "abcdefg"}, rng)
+    assert task_counts(3, {"a": 100, "b": 1, "c": 1}, rng) == {"a": 1, "b": 1, "c": 1}
+    few = task_counts(2, {t: 1 for t in "abcdefg"}, rng)
     assert sum(few.values()) == 2 and set(few.values()) == {0, 1}
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import storage
-from pipeline.config import StorageConfig
+from pipeline.config import BenchmarkConfig, StorageConfig
 from pipeline.data.sources import DataError
 from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, write_params
 
@@ -167,6 +168,17 @@ def test_prepare_from_s3_matches_the_same_images_from_a_local_folder(moto, creds
     per_image = params.prepare.patches_per_image  # smoke split: 2 train images, 1 val, 1 test
     assert len(results["s3"]) == 2 * per_image["train"] + per_image["val"] + per_image["test"]
     assert [s["sha256_lq"] for s in results["s3"]] == [s["sha256_lq"] for s in results["local"]]
+
+
+def test_a_benchmark_on_s3_is_the_same_as_the_local_folder(moto, creds, tmp_path):
+    from pipeline.data.benchmarks import load_benchmark
+
+    folder = _image_folder(tmp_path / "bench", names=("coins", "moon"))
+    _upload_images(moto, "data", "bench", folder)
+    params = smoke_params(storage={"endpoint_url": creds})
+    loaded = {where: load_benchmark("b", BenchmarkConfig(path=path, patches_per_image=4), params.prepare, 0, creds)
+              for where, path in (("local", str(folder)), ("s3", "s3://data/bench"))}
+    assert torch.equal(loaded["s3"].lq, loaded["local"].lq) and loaded["s3"].tasks == loaded["local"].tasks
 
 
 def test_prepare_s3_pairs_error_names_the_uri(moto, creds, tmp_path):

@@ -27,11 +27,15 @@ from PIL import Image
 from pipeline import tracking
 from pipeline.atomic import atomic_file
 from pipeline.config import Params, flatten
+from pipeline.data.benchmarks import load_benchmark
 from pipeline.data.dataset import PairedSplit, load_split
+from pipeline.data.sources import DataError
 from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
+from pipeline.models.restorer import Restorer
 from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
+from pipeline.redaction import redact
 from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.scorers import build_reward
@@ -45,13 +49,11 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     device = setup_runtime(params.runtime)
     test = load_split(paths.data, "test")
     with tracking.stage_run("evaluate", params, SECTIONS, root):
-        def restored(checkpoint):
-            model = load_restorer(checkpoint, params.storage, paths.pretrained).to(device)
-            return restore_split(model, test, params, progress=True)
-
-        outputs = {"lq": test.lq_full, "sft": restored(paths.sft_model)}
-        if paths.rl_model.exists():
-            outputs["rl"] = restored(paths.rl_model)
+        checkpoints = {"sft": paths.sft_model} | ({"rl": paths.rl_model} if paths.rl_model.exists() else {})
+        models = {row: load_restorer(path, params.storage, paths.pretrained).to(device)
+                  for row, path in checkpoints.items()}
+        outputs = {"lq": test.lq_full} | {row: restore_split(m, test, params, progress=True)
+                                          for row, m in models.items()}
         shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
         generator = torch.Generator().manual_seed(params.runtime.seed)
         outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
@@ -59,9 +61,13 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         if paths.reward_model.exists():
             learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
             scorers["reward"] = lambda images: learned(images.to(device))
+        weights_dir = pyiqa_cache_dir(params.storage)
         metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers,
-                                weights_dir=pyiqa_cache_dir(params.storage), seed=params.runtime.seed)
+                                weights_dir=weights_dir, seed=params.runtime.seed)
         metrics["sampling"] = cfg.sampling.model_dump()
+        if cfg.benchmarks:
+            metrics["benchmarks"] = {name: score_benchmark(name, models, params, scorers, weights_dir)
+                                     for name in cfg.benchmarks}
         headline, detail = split_headline(metrics)
         for name, content in (("evaluate.json", headline), ("evaluate_detail.json", detail)):
             with atomic_file(paths.metrics / name) as tmp:
@@ -70,11 +76,32 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         mlflow.log_metrics({k: v for k, v in flatten(metrics["overall"]).items()})
         mlflow.log_metrics({f"task.{k}": v for k, v in flatten(metrics["per_task"]).items()})
         mlflow.log_metrics({f"vs_sft.{k}": v for k, v in flatten(metrics["vs_sft"]).items()})
+        for name, block in metrics.get("benchmarks", {}).items():
+            mlflow.log_metrics({f"benchmark.{name}.{k}": v for k, v in flatten(block["overall"]).items()})
         mlflow.log_artifact(str(paths.metrics / "evaluate.json"))
         mlflow.log_artifact(str(paths.metrics / "evaluate_detail.json"))
         mlflow.log_artifact(str(paths.plots / "eval_grid.png"))
     print(format_table(metrics))
     return metrics
+
+
+def score_benchmark(name: str, models: dict[str, Restorer], params: Params,
+                    scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]], weights_dir: Path | None) -> dict:
+    """LQ, each model and GT on one benchmark folder (`evaluate.benchmarks`), as for the test split."""
+    from pipeline.storage import endpoint_url
+
+    bench = params.evaluate.benchmarks[name]
+    data = load_benchmark(name, bench, params.prepare, params.runtime.seed, endpoint_url(params.storage))
+    for model in models.values():
+        unknown = sorted(set(data.tasks) - set(model.tasks or data.tasks))
+        if unknown:
+            raise DataError(f"evaluate.benchmarks.{name}: task(s) {unknown} unknown to the restorer, which knows "
+                            f"{model.tasks}" + ("; set evaluate.benchmarks." + name + ".task to the degradation "
+                                                "its pairs show" if unknown == ["pairs"] else ""))
+    outputs = {"lq": data.lq_full} | {row: restore_split(m, data, params, progress=True) for row, m in models.items()}
+    block = score_outputs(outputs, data, params.evaluate.fr_metrics, params.evaluate.nr_metrics, scorers,
+                          weights_dir=weights_dir, seed=params.runtime.seed)
+    return block | {"path": redact(bench.path)}
 
 
 def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],
@@ -125,16 +152,27 @@ DETAIL = ("per_task", "vs_sft")  # in metrics/evaluate_detail.json; the headline
 
 def split_headline(metrics: dict) -> tuple[dict, dict]:
     """(metrics/evaluate.json, metrics/evaluate_detail.json): the headline DVC shows with
-    `dvc metrics show`/`diff` (every row overall, RL against SFT), and the detail (per task,
-    every row against SFT) that `restorl repro` prints and MLflow keeps. `merge` undoes it."""
-    headline = {k: v for k, v in metrics.items() if k not in DETAIL}
+    `dvc metrics show`/`diff` (every row overall, RL against SFT; the same for each benchmark),
+    and the detail (per task, every row against SFT) that `restorl repro` prints and MLflow
+    keeps. `merge` undoes it."""
+    headline = {k: v for k, v in metrics.items() if k not in (*DETAIL, "benchmarks")}
     if "rl" in metrics.get("vs_sft", {}):
         headline["rl_vs_sft"] = metrics["vs_sft"]["rl"]
-    return headline, {k: metrics[k] for k in DETAIL if k in metrics}
+    detail = {k: metrics[k] for k in DETAIL if k in metrics}
+    if metrics.get("benchmarks"):
+        parts = {name: split_headline(block) for name, block in metrics["benchmarks"].items()}
+        headline["benchmarks"] = {name: h for name, (h, _) in parts.items()}
+        detail["benchmarks"] = {name: d for name, (_, d) in parts.items()}
+    return headline, detail
 
 
 def merge(headline: dict, detail: dict) -> dict:
-    return {k: v for k, v in headline.items() if k != "rl_vs_sft"} | detail
+    merged = {k: v for k, v in headline.items() if k not in ("rl_vs_sft", "benchmarks")}
+    merged |= {k: v for k, v in detail.items() if k != "benchmarks"}
+    if headline.get("benchmarks"):
+        merged["benchmarks"] = {name: merge(block, detail.get("benchmarks", {}).get(name, {}))
+                                for name, block in headline["benchmarks"].items()}
+    return merged
 
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -202,7 +240,7 @@ def format_table(metrics: dict) -> str:
     arrows = {m: "↑" if up else "↓" for m, up in metrics["higher_is_better"].items()}
     header = f"{'task':<16}{'n':>5}  {'output':<14}" + "".join(f"{m + arrows[m]:>10}" for m in names)
     lines = [header, "-" * len(header)]
-    blocks = [("overall", {"n": metrics["n_test"], **metrics["overall"]})] + list(metrics["per_task"].items())
+    blocks = [("overall", {"n": metrics["n_test"], **metrics["overall"]})] + list(metrics.get("per_task", {}).items())
     for task, block in blocks:
         for row, scores in ((k, v) for k, v in block.items() if k != "n"):
             cells = "".join(f"{scores[m]:>10.3f}" if m in scores else f"{'':>10}" for m in names)
@@ -213,4 +251,6 @@ def format_table(metrics: dict) -> str:
             cells = [f"{m} {f['diff']:+.4g} [{f['lo']:+.4g}, {f['hi']:+.4g}] "
                      f"{verdict(f, metrics['higher_is_better'][m])}" for m, f in figures.items()]
             lines.append(f"  {row:<14}" + ";  ".join(cells))
+    for name, block in metrics.get("benchmarks", {}).items():
+        lines += ["", f"Benchmark '{name}' ({block['path']}):", format_table(block)]
     return "\n".join(lines)

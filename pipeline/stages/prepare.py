@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from pathlib import Path
 
 import mlflow
@@ -20,7 +19,7 @@ from pipeline import tracking
 from pipeline.atomic import atomic_dir
 from pipeline.config import Params, PrepareConfig
 from pipeline.data import degradations
-from pipeline.data.degradations import DEGRADATIONS, degrade
+from pipeline.data.patches import cut_patches, seeded_rng, split_tasks
 from pipeline.data.sources import (
     DataError,
     SourceImage,
@@ -107,28 +106,6 @@ def split_by_source(names: list[str], cfg: PrepareConfig, seed: int) -> dict[str
     return assigned | {n: "train" for n in rest}
 
 
-def _rng(seed: int, *keys: str) -> np.random.Generator:
-    return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
-
-
-def task_counts(total: int, weights: dict[str, float], rng: np.random.Generator) -> dict[str, int]:
-    """`total` patches shared among the tasks in proportion to their weights (largest
-    remainder, ties broken by `rng`), every task at least one patch when there are as many
-    patches as tasks."""
-    names = sorted(weights)
-    share = np.array([weights[n] for n in names], dtype=np.float64)
-    exact = share / share.sum() * total
-    counts = np.floor(exact).astype(int)
-    if total >= len(names):
-        counts = np.maximum(counts, 1)
-    while counts.sum() > total:  # the minimum of one is taken from the tasks most above their share
-        counts[int(np.argmax(np.where(counts > 1, counts - exact, -np.inf)))] -= 1
-    tie_break = rng.permutation(len(names))
-    for i in np.lexsort((tie_break, -(exact - counts)))[:total - counts.sum()]:
-        counts[i] += 1
-    return {n: int(c) for n, c in zip(names, counts)}
-
-
 def task_schedule(splits: dict[str, str], cfg: PrepareConfig, seed: int) -> dict[str, list[str]]:
     """The primary task of every patch, stratified per split: each split's patches are shared
     among the tasks by weight (`task_counts`) and shuffled over its images (seeded), so every
@@ -141,12 +118,9 @@ def task_schedule(splits: dict[str, str], cfg: PrepareConfig, seed: int) -> dict
         names = sorted(n for n, s in splits.items() if s == split)
         per_image = cfg.patches_per_image[split]
         totals[split] = per_image * len(names)
-        rng = _rng(seed, split, "tasks")
-        counts = task_counts(totals[split], weights, rng)
-        order = [t for t, c in counts.items() for _ in range(c)]
-        rng.shuffle(order)
-        schedule |= {n: order[i * per_image:(i + 1) * per_image] for i, n in enumerate(names)}
-        covered[split] = {t for t, c in counts.items() if c}
+        tasks = split_tasks(names, per_image, weights, seeded_rng(seed, split, "tasks"))
+        schedule |= tasks
+        covered[split] = {t for image_tasks in tasks.values() for t in image_tasks}
     for split in ("val", "test"):
         missing = sorted(covered[split] - covered["train"])
         if missing:
@@ -157,54 +131,26 @@ def task_schedule(splits: dict[str, str], cfg: PrepareConfig, seed: int) -> dict
     return schedule
 
 
-def draw_chain(cfg: PrepareConfig, rng: np.random.Generator, first: str) -> list[tuple[str, dict]]:
-    """The primary task `first`; with prob. mix_prob a second, different task after it."""
-    tasks = {n: t for n, t in cfg.degradations.tasks.items() if t.weight > 0}
-    names = sorted(tasks)
-    chain = [first]
-    others = [n for n in names if n != first]
-    if others and rng.random() < cfg.degradations.mix_prob:
-        chain.append(others[rng.integers(len(others))])
-    return [(n, DEGRADATIONS[n].draw_params(tasks[n].params, rng)) for n in chain]
-
-
-def area_downscale(image: np.ndarray, factor: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (H / factor, W / factor, 3): the mean of each factor x factor block."""
-    h, w, c = image.shape
-    blocks = image.reshape(h // factor, factor, w // factor, factor, c).astype(np.float64)
-    return (blocks.mean(axis=(1, 3)) + 0.5).astype(np.uint8)
-
-
 def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, out: Path,
                 tasks: list[str] | None = None) -> list[dict]:
-    """The image's patches of `split`; `tasks`: the primary task of each (`task_schedule`)."""
-    rng = _rng(seed, split, image.name)
-    size = cfg.patch_size
-    h, w = image.gt.shape[:2]
+    """The image's patches of `split` as files; `tasks`: the primary task of each (`task_schedule`)."""
     (out / split / "gt").mkdir(parents=True, exist_ok=True)
     (out / split / "lq").mkdir(parents=True, exist_ok=True)
     samples = []
-    for k in range(cfg.patches_per_image[split]):
-        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        gt = image.gt[y:y + size, x:x + size]
-        if image.lq is not None:
-            lq, chain, task = image.lq[y:y + size, x:x + size], [], "pairs"
-        else:
-            chain = draw_chain(cfg, rng, tasks[k])
-            lq, task = degrade(gt / 255.0, chain, rng), chain[0][0]
-        if cfg.lq_scale > 1:
-            lq = area_downscale(lq, cfg.lq_scale)
-        sid = f"{image.name}_{k:04d}"
+    patches = cut_patches(image, seeded_rng(seed, split, image.name), cfg.patches_per_image[split],
+                          cfg.patch_size, cfg.lq_scale, cfg.degradations, tasks)
+    for patch in patches:
+        sid = f"{image.name}_{patch.index:04d}"
         files = {}
-        for kind, arr in (("gt", gt), ("lq", lq)):
+        for kind, arr in (("gt", patch.gt), ("lq", patch.lq)):
             rel = f"{split}/{kind}/{sid}.png"
             Image.fromarray(np.ascontiguousarray(arr)).save(out / rel)
             files[kind] = rel
         samples.append({
-            "id": sid, "split": split, "source": image.name, "task": task, "crop": [y, x],
-            "degradations": [{"name": n, "params": p} for n, p in chain],
+            "id": sid, "split": split, "source": image.name, "task": patch.task, "crop": list(patch.crop),
+            "degradations": [{"name": n, "params": p} for n, p in patch.chain],
             "gt": files["gt"], "lq": files["lq"],
-            "sha256_gt": hashlib.sha256(gt.tobytes()).hexdigest(),
-            "sha256_lq": hashlib.sha256(np.ascontiguousarray(lq).tobytes()).hexdigest(),
+            "sha256_gt": hashlib.sha256(patch.gt.tobytes()).hexdigest(),
+            "sha256_lq": hashlib.sha256(np.ascontiguousarray(patch.lq).tobytes()).hexdigest(),
         })
     return samples
