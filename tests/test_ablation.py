@@ -126,10 +126,13 @@ def test_verdict_needs_a_gain_beyond_the_flipped_run_the_hacks_and_the_spread(tm
     overall = runs[0].evaluate["overall"]
     sft = overall["sft"]
 
-    def runs_with(gains, psnr_drop=0.0):
+    def runs_with(gains, psnr_drop=0.0, lows=None):
+        """Runs whose paired interval's lower end is `lows[i]` (default: half the gain)."""
+        lows = lows or [g / 2 for g in gains]
         return [ablation.Run("m", i, f"m-s{i}", {}, {"overall": overall | {"rl": {
-            "reward": sft["reward"] + g, "psnr": sft["psnr"] - psnr_drop}}}, 4, 2, [])
-            for i, g in enumerate(gains)]
+            "reward": sft["reward"] + g, "psnr": sft["psnr"] - psnr_drop}},
+            "rl_vs_sft": {"reward": {"diff": g, "lo": lo, "hi": g + abs(g)}}}, 4, 2, [])
+            for i, (g, lo) in enumerate(zip(gains, lows))]
 
     hack = max(overall[k]["reward"] - sft["reward"] for k in overall if k.startswith("sft_"))
     flipped = runs_with([-0.1, -0.2])
@@ -142,6 +145,9 @@ def test_verdict_needs_a_gain_beyond_the_flipped_run_the_hacks_and_the_spread(tm
     assert "within the flipped run" in ablation.verdict(runs_with([clear - 3, clear + 3]), flipped, overall, 0.3)
     assert "within a hack" in ablation.verdict(runs_with([hack - 0.01, hack - 0.01]), runs_with([-5.0]), overall,
                                                0.3)
+    # a clear mean gain that one seed's test patches do not support with confidence
+    assert ablation.verdict(runs_with([clear, clear + 0.1], lows=[0.2, -0.01]), flipped, overall, 0.3) == (
+        "no: interval reaches 0 (seed 1)")
 
 
 def test_report_states_the_psnr_guard_it_applied(tmp_path):

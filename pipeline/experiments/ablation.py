@@ -336,9 +336,11 @@ def reward_gains(runs: list[Run]) -> list[float]:
 def verdict(group: list[Run], flipped: list[Run], overall: dict, psnr_guard: float) -> str:
     """`yes` where the group's reward gain clears the bar, else why not.
 
-    The issue's bar for "RL improves": the test reward gain over SFT, less its seed spread, above
-    the sign-flipped run's change plus its spread and above every hack control's change, and PSNR
-    down by no more than `psnr_guard` dB (rl.psnr_guard: what the rl stage accepts for its epoch)."""
+    The bar for "RL improves": the test reward gain over SFT, less its seed spread, above the
+    sign-flipped run's change plus its spread and above every hack control's change; in every
+    seed, the paired 95 % bootstrap interval of the gain over test patches (evaluate.json
+    `rl_vs_sft.reward`) above zero; and PSNR down by no more than `psnr_guard` dB (rl.psnr_guard:
+    what the rl stage accepts for its epoch)."""
     gain, spread = _stats(reward_gains(group))
     hack = max((overall[k]["reward"] - overall["sft"]["reward"] for k in overall if k.startswith("sft_")),
                default=-math.inf)
@@ -349,6 +351,9 @@ def verdict(group: list[Run], flipped: list[Run], overall: dict, psnr_guard: flo
         reasons.append("within the flipped run")
     if gain - spread <= hack:
         reasons.append("within a hack")
+    unsure = [r.seed for r in group if not r.evaluate.get("rl_vs_sft", {}).get("reward", {}).get("lo", -1) > 0]
+    if unsure:
+        reasons.append(f"interval reaches 0 (seed {', '.join(map(str, unsure))})")
     if psnr_drop > psnr_guard:
         reasons.append(f"PSNR -{psnr_drop:.2f} dB")
     return "yes" if not reasons else "no: " + ", ".join(reasons)
