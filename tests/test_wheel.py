@@ -6,6 +6,7 @@ the commands run in an empty folder outside the repository.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,9 +26,20 @@ def _run(args, cwd, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def _tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files (what a clean clone has), so the build leaves no trace here."""
+    files = _run(["git", "ls-files", "-z"], REPO).stdout.split("\0")
+    for name in filter(None, files):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    return dest
+
+
 def test_a_wheel_install_runs_a_profile_outside_the_repository(tmp_path):
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", dist, REPO], tmp_path)
+    source = _tracked_copy(tmp_path / "source")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", dist, source], tmp_path)
     [wheel] = dist.glob("restorl-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], tmp_path)

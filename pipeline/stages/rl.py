@@ -151,8 +151,7 @@ def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, sec
                "val": {"sft": headline(stats["baseline"]), "rl": headline(best.val)},
                "val_reward_gain": round(best.gain, 6),
                "val_psnr_drop": round(stats["baseline"]["psnr"] - best.val["psnr"], 4),
-               "val_psnr_drop_worst_task": round(best_drop, 4), "worst_task": worst,
-               "final_epoch": stats["history"][-1] if stats["history"] else None}
+               "val_psnr_drop_worst_task": round(best_drop, 4), "worst_task": worst}
     write_curves(paths.plots / "rl_curves.csv", stats["history"])
     mlflow.log_metrics({"train_seconds": seconds, "best_epoch": best.epoch})
     mlflow.log_artifact(str(paths.plots / "rl_curves.csv"))
