@@ -116,3 +116,7 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     with pytest.raises(evaluate.DataError, match=r"evaluate.benchmarks.mine: task\(s\) \['pairs'\] unknown to the "
                                                  r"restorer.*set evaluate.benchmarks.mine.task"):
         evaluate.run(unnamed, root)
+    # A task name on a folder of HQ images (degraded with every task) is refused, not ignored.
+    named = smoke_params(evaluate={"benchmarks": {"photos": {"path": str(hq), "task": "jpeg"}}})
+    with pytest.raises(evaluate.DataError, match=r"evaluate.benchmarks.photos.task: .*hq holds HQ images"):
+        evaluate.run(named, root)

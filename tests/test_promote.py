@@ -294,6 +294,8 @@ def test_judges_that_cannot_be_independent_are_refused(store):
         promote_stage.run(smoke_params(rl={"reward": {"learned": 1.0, "gmsd": 0.1}}), store)
     with pytest.raises(promote_stage.PromotionError, match="promote.guards.piqe: not a full-reference metric"):
         promote(store, guards={"piqe": 1.0})
+    with pytest.raises(promote_stage.PromotionError, match="promote.guards.gmsdd: 'gmsdd' is not a pyiqa metric"):
+        promote(store, guards={"gmsdd": 1.0})
     assert "champion" not in aliases(MlflowClient())
 
 

@@ -25,6 +25,9 @@ def load_benchmark(name: str, bench: BenchmarkConfig, prepare: PrepareConfig, se
     with local_source(bench.path, endpoint) as folder:
         paired = (folder / "gt").is_dir() and (folder / "lq").is_dir()
         images = load_pairs(folder) if paired else load_folder(folder)
+    if bench.task and not paired:
+        raise DataError(f"{key}.task: {bench.path} holds HQ images, which are degraded with every task of "
+                        "prepare.degradations; a task name applies to ready pairs (gt/ and lq/) only")
     size = prepare.patch_size
     for im in images:
         if min(im.gt.shape[:2]) < size:

@@ -175,7 +175,11 @@ def check_judges(params: Params, tags: dict[str, str], paths: Paths, challenger:
         if metric in trained_on:
             raise PromotionError(f"promote.guards.{metric}: the challenger was trained on {metric} (rl.reward); "
                                  "a guard must be a judge it never optimised")
-        if not iqa.needs_reference(metric):
+        try:
+            full_reference = iqa.needs_reference(metric)
+        except iqa.MetricError as err:
+            raise PromotionError(f"promote.guards.{metric}: {err}") from None
+        if not full_reference:
             raise PromotionError(f"promote.guards.{metric}: not a full-reference metric; a guard compares "
                                  "restorations with the GT")
     if cfg.reward == LEARNED:
