@@ -120,3 +120,15 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     named = smoke_params(evaluate={"benchmarks": {"photos": {"path": str(hq), "task": "jpeg"}}})
     with pytest.raises(evaluate.DataError, match=r"evaluate.benchmarks.photos.task: .*hq holds HQ images"):
         evaluate.run(named, root)
+
+
+def test_the_headline_keeps_rl_against_sft_and_the_detail_the_rest(prepared_smoke):
+    test = load_split(prepared_smoke / "data/prepared", "test")
+    sft = (test.lq_full + test.gt) / 2
+    metrics = evaluate.score_outputs({"lq": test.lq_full, "sft": sft, "rl": sft + 0.01, "sft_blur": sft * 0.9},
+                                     test, ["psnr"], [])
+    headline, detail = evaluate.split_headline(metrics)
+    assert headline["rl_vs_sft"] == metrics["vs_sft"]["rl"]
+    assert "per_task" not in headline and "vs_sft" not in headline
+    assert set(detail) == {"per_task", "vs_sft"}
+    assert evaluate.merge(headline, detail) == metrics
