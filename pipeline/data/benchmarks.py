@@ -4,17 +4,12 @@ stratified by weight, seeded per benchmark and image), or taken as ready pairs."
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pipeline.config import BenchmarkConfig, PrepareConfig
-from pipeline.data.dataset import PairedSplit
+from pipeline.data.dataset import PairedSplit, to_tensor
 from pipeline.data.patches import cut_patches, seeded_rng, split_tasks
 from pipeline.data.sources import DataError, load_folder, load_pairs, local_source
-
-
-def _tensor(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images).astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
 
 
 def load_benchmark(name: str, bench: BenchmarkConfig, prepare: PrepareConfig, seed: int,
@@ -46,4 +41,5 @@ def load_benchmark(name: str, bench: BenchmarkConfig, prepare: PrepareConfig, se
                             "crop": list(patch.crop)})
             gts.append(patch.gt)
             lqs.append(patch.lq)
-    return PairedSplit(_tensor(gts), _tensor(lqs), samples)
+    return PairedSplit(torch.stack([to_tensor(g) for g in gts]), torch.stack([to_tensor(q) for q in lqs]),
+                       samples)

@@ -48,9 +48,13 @@ def read_manifest(data_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
 def _tensor(path: Path) -> torch.Tensor:
-    arr = np.asarray(Image.open(path).convert("RGB"), np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    return to_tensor(np.asarray(Image.open(path).convert("RGB")))
 
 
 def load_split(data_dir: Path, split: str) -> PairedSplit:
