@@ -1,8 +1,9 @@
 """The pipeline as one Prefect flow: every dvc.yaml stage is a task running `dvc repro --single-item`.
 
 DVC stays the owner of hashes, the lock file and skipping up-to-date work; the flow adds
-validated parameters, retries of transient failures, `dvc push`, a markdown artifact per stage
-and schedules (prefect.yaml). The stage list comes from dvc.yaml, so new stages join the flow
+validated parameters, retries of transient failures, `dvc push`, a markdown artifact per stage,
+schedules (prefect.yaml) and, with `lineage`, the run saved as a DVC experiment on the git remote
+(pipeline/lineage.py). The stage list comes from dvc.yaml, so new stages join the flow
 without a change here; `promote` is special: it runs only when the flow is asked to promote.
 """
 
@@ -14,8 +15,11 @@ import json
 import logging
 import os
 import re
+import secrets
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from pipeline import lineage as lineage_store
 from pipeline.commands import CommandError, dvc, git, run_captured, run_streamed, tool
 from pipeline.config import ConfigError, deep_merge, flatten, profile_overrides, read_yaml
 from pipeline.part_names import validate
@@ -62,32 +67,44 @@ def training_pipeline(
     workspace: str = ".",
     retries: int = 2,
     retry_delay_s: float = 30.0,
+    fresh_seed: str | None = None,
+    lineage: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the dvc.yaml stages in order, then `restorl promote` if asked.
+    """Run the dvc.yaml stages in order, then `restorl promote` if asked, then save the lineage.
 
     overrides: params sections deep-merged over params.yaml (and the profile); validated first.
     profile: a profile in pipeline/profiles/ merged over params.yaml.  git_ref: check this ref out first.
     push: `dvc push` each stage's outputs when a DVC remote is configured.
     force: stages to re-run even when DVC finds them up to date; ["*"] for all of them.
     retries / retry_delay_s: attempts after a transient failure; the delay doubles each time.
+    fresh_seed: a params key (e.g. runtime.seed) set to a new seed drawn for this flow run; the
+      changed param makes DVC re-run the stages that read it, and params.yaml records it.
+    lineage: when the run changed dvc.lock, save the workspace as a DVC experiment, push it to the
+      git remote `origin` (outputs to the DVC remote) and tag the MLflow runs and versions with it.
     """
     root = Path(workspace).resolve()
     with workspace_lock(root):
         if git_ref:
             checkout(root, git_ref)
-        params_task(root, profile, overrides or {})
+        overrides, seed = seeded_overrides(overrides or {}, fresh_seed)
+        raw = params_task(root, profile, overrides)
         stages = [s for s in stage_order(root / "dvc.yaml") if s != PROMOTE]
         forced = set(stages) if "*" in (force or []) else set(force or [])
         if missing := forced - set(stages) - {"*"}:
             # Schedules may name stages that a branch does not have yet (rl, score, ...).
             get_run_logger().warning("force: no stage %s in dvc.yaml; ignored", sorted(missing))
         push = push and remote_configured(root)
+        lock_before = read_text(root / "dvc.lock")
         backoff = [retry_delay_s * 2**i for i in range(retries)]
         stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=backoff)
         # One stage after the other: two DVC commands in one workspace fail on DVC's lock.
         results = [stage_task(root, stage, push, stage in forced) for stage in stages]
         results.append(promote_task.with_options(retries=retries, retry_delay_seconds=backoff)(
             root, promote, push))
+        if lineage:
+            ran = [r["stage"] for r in results if r["ran"]]
+            changed = read_text(root / "dvc.lock") != lock_before
+            results.append(lineage_task(root, ran, changed, seed, (raw.get("tracking") or {}).get("uri")))
     return results
 
 
@@ -107,12 +124,15 @@ def _retry_transient_only(task, task_run, state) -> bool:
 @task(name="stage", task_run_name="{stage}", retry_condition_fn=_retry_transient_only,
       cache_policy=NO_CACHE)
 def run_stage(root: Path, stage: str, push: bool, force: bool = False) -> dict[str, Any]:
-    """`dvc repro --single-item <stage>`, `dvc push <stage>`, and the stage's markdown artifact."""
+    """`dvc repro --single-item <stage>`, `dvc push --run-cache <stage>`, and the stage's markdown artifact."""
     start = time.perf_counter()
-    output = run_dvc(root, ["repro", "--single-item", *(["--force"] if force else []), stage], stage)
+    # With a remote, a stage whose inputs were trained before (by any earlier run that pushed its
+    # run-cache) is restored from it (`--pull`) instead of re-trained.
+    output = run_dvc(root, ["repro", "--single-item", *(["--force"] if force else []),
+                            *(["--pull"] if push else []), stage], stage)
     ran = f"Running stage '{stage}'" in output
     if push:
-        run_dvc(root, ["push", stage], stage)
+        run_dvc(root, ["push", "--run-cache", stage], stage)
     result = {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 2), "pushed": push}
     publish_artifact(root, stage, result)
     return result
@@ -142,6 +162,67 @@ def promote_task(root: Path, wanted: bool, push: bool) -> dict[str, Any]:
     result["seconds"] = round(time.perf_counter() - start, 2)
     publish_artifact(root, PROMOTE, result)
     return result
+
+
+@task(name="lineage", retries=0, cache_policy=NO_CACHE)
+def lineage_task(root: Path, ran: list[str], changed: bool, seed: dict[str, int],
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """When the run `changed` dvc.lock, save and push it as a DVC experiment and tag the MLflow
+    runs of the stages that `ran` and their model versions with it (and the fresh `seed`,
+    {params key: value}, when one was drawn)."""
+    result: dict[str, Any] = {"stage": "lineage", "ran": changed, "pushed": False}
+    if not changed:
+        reason = "dvc.lock is unchanged: the result is the one an earlier run saved"
+        _logger().info("lineage: nothing saved, %s", reason)
+        create_markdown_artifact(lineage_store.markdown(None, {}, reason), key=artifact_key("lineage"))
+        return result
+    try:
+        saved = lineage_store.save(root, lineage_store.ref_name(run_name()))
+    except (lineage_store.LineageError, CommandError) as err:
+        raise StageUserError(str(err)) from None
+    tagged = lineage_store.tag_mlflow(root, saved, ran, seed, tracking_uri)
+    _logger().info("lineage: saved %s (%s) to %s; tagged %s", saved.name, saved.commit, saved.git_remote, tagged)
+    create_markdown_artifact(lineage_store.markdown(saved, tagged), key=artifact_key("lineage"),
+                             description="restorl: where this run's result is kept")
+    return result | {"pushed": True, "tagged": tagged, **saved.tags()}
+
+
+def read_text(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+def run_name() -> str:
+    """`<deployment or flow>-<UTC start>-<flow run name>`: unique per flow run, readable."""
+    from prefect.runtime import deployment, flow_run
+
+    start = flow_run.scheduled_start_time or datetime.now(timezone.utc)
+    return f"{deployment.name or 'training-pipeline'}-{start:%Y%m%dT%H%M%SZ}-{flow_run.name or 'local'}"
+
+
+def seeded_overrides(overrides: dict[str, Any], key: str | None) -> tuple[dict[str, Any], dict[str, int]]:
+    """`overrides` with params key `key` (dotted, e.g. runtime.seed) set to a fresh seed, and
+    {key: seed}; unchanged and {} without a key. The seed comes from the flow run's id."""
+    if not key:
+        return overrides, {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a mapping of params sections, got {overrides!r}")
+    *sections, leaf = key.split(".")
+    if not sections or leaf != "seed":
+        raise ConfigError(f"fresh_seed: {key!r} is not a seed key of params.yaml like runtime.seed or rl.seed")
+    if key in flatten(overrides):
+        raise ConfigError(f"fresh_seed: {key} is also set in overrides; set it in one place")
+    seed = fresh_seed_value()
+    nested: dict[str, Any] = {leaf: seed}
+    for section in reversed(sections):
+        nested = {section: nested}
+    return deep_merge(overrides, nested), {key: seed}
+
+
+def fresh_seed_value() -> int:
+    """A seed from the flow run's id (random outside a flow run), below 2**31."""
+    from prefect.runtime import flow_run
+
+    return uuid.UUID(flow_run.id).int % 2**31 if flow_run.id else secrets.randbelow(2**31)
 
 
 # ---------------------------------------------------------------------------------------------

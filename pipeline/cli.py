@@ -20,22 +20,69 @@ ProfileOpt = typer.Option(None, "--profile", help="a shipped profile (smoke, qua
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
-def _run_stage(stage: Callable, params_file: Path, profile: Optional[str]) -> None:
+def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], many_processes: bool = False) -> None:
     """Load and validate the params, check the tracking server, run the stage (which checks
-    the part names it uses before any work)."""
+    the part names it uses before any work). `many_processes`: the stage runs under a launcher
+    (docs/distributed.md); any other stage started by one is refused."""
     from pipeline.config import load_params
+    from pipeline.distributed import is_main, world_size
     from pipeline.storage import require_tracking_server
     from pipeline.tracking import configure, tracking_uri
 
     try:
+        if many_processes:
+            _relaunch_per_process(params_file, profile)
+        if world_size() > 1 and not many_processes:
+            name = stage.__module__.removeprefix("pipeline.stages.") if stage.__module__.startswith(
+                "pipeline.stages.") else "this stage"
+            raise UserError(f"{name} runs as one process (only sft and rl run on many); start it without "
+                            f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
         # Before any work: an unreachable tracking server fails in seconds, naming its URI, and
-        # the experiment must exist (it is created) and not be deleted.
-        require_tracking_server(tracking_uri(cfg))
-        configure(cfg)
+        # the experiment must exist (it is created) and not be deleted. Under a launcher only
+        # the main process talks to MLflow (pipeline/distributed.py).
+        if is_main():
+            require_tracking_server(tracking_uri(cfg))
+            configure(cfg)
         stage(cfg)
     except USER_ERRORS as err:
         _fail(err)
+
+
+PROCESSES_ENV = "RESTORL_PROCESSES"
+
+
+def _relaunch_per_process(params_file: Path, profile: Optional[str]) -> None:
+    """With $RESTORL_PROCESSES (a number, or `gpus`: one per GPU this machine shows) above 1 and
+    no launcher around, replace this process by torchrun starting that many copies of the same
+    command (the GPU image sets `gpus`, so a job given N GPUs trains on all N). Only for the
+    stages that run on many processes (sft, rl). The params are
+    validated first, so a bad file fails here, once, with exit 2."""
+    import os
+    import sys
+
+    from pipeline.config import load_params
+    from pipeline.distributed import world_size
+
+    wanted = os.environ.get(PROCESSES_ENV, "").strip()
+    if not wanted or world_size() > 1:
+        return
+    if wanted == "gpus":
+        import torch
+
+        count = torch.cuda.device_count()
+    elif wanted.isdigit() and int(wanted) > 0:
+        count = int(wanted)
+    else:
+        raise UserError(f"${PROCESSES_ENV} is '{wanted}': give a number of processes or 'gpus' (one per GPU)")
+    if count <= 1:
+        return
+    load_params(params_file, profile)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+            "-m", "pipeline.cli", *sys.argv[1:]]
+    typer.echo(f"{PROCESSES_ENV}={wanted}: starting {count} processes: {' '.join(args[1:])}")
+    sys.stdout.flush()
+    os.execv(sys.executable, args)
 
 
 def _fail(err: Exception) -> None:
@@ -43,6 +90,14 @@ def _fail(err: Exception) -> None:
 
     typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from None
+
+
+@app.command()
+def source(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """List the source images prepare reads, with checksums (data/source.json)."""
+    from pipeline.stages import source as stage
+
+    _run_stage(stage.run, params, profile)
 
 
 @app.command()
@@ -58,7 +113,7 @@ def sft(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Train the diffusion restorer with the denoising loss (checkpoints/sft)."""
     from pipeline.stages import sft as stage
 
-    _run_stage(stage.run, params, profile)
+    _run_stage(stage.run, params, profile, many_processes=True)
 
 
 @app.command()
@@ -90,7 +145,7 @@ def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Difficulty-adaptive RL fine-tuning of the SFT model from the reward (checkpoints/rl)."""
     from pipeline.stages import rl as stage
 
-    _run_stage(stage.run, params, profile)
+    _run_stage(stage.run, params, profile, many_processes=True)
 
 
 @app.command("params")

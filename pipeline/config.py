@@ -44,6 +44,9 @@ class RuntimeConfig(Section):
     # Forward passes of the restorer: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16
     # trains with a gradient scaler (torch.amp.GradScaler), saved with the resume state.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # DataLoader worker processes reading training pairs from disk (0: in the training
+    # process). The batches are the same for any number (their draws are made apart).
+    loader_workers: int = Field(0, ge=0)
 
 
 class TrackingConfig(Section):
@@ -247,7 +250,10 @@ class SftConfig(Section):
     # A diffusers get_scheduler name, after `warmup_steps`; cosine decays to 0 at `steps`, so
     # the final weights are not a snapshot of a noisy constant-LR walk.
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "cosine"
-    augment: bool = True
+    augment: bool = True  # one of the 8 flips/rotations per sample, drawn per step
+    # Train on random crops of this size (px of the GT; a multiple of prepare.lq_scale) cut from
+    # each patch on the fly; None: whole patches.
+    crop_size: int | None = Field(None, ge=8)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -272,6 +278,11 @@ class EvaluateConfig(Section):
     nr_metrics: list[str] = Field(default_factory=lambda: ["piqe"])
     # name -> a held-out image folder, each a block of metrics/evaluate.json and the table.
     benchmarks: dict[str, BenchmarkConfig] = Field(default_factory=dict)
+    # Further sampler settings SFT and RL restore the test split with, for the perception-
+    # distortion picture (plots/frontier.csv, .png): PSNR against realism and the reward.
+    frontier: list[SamplingConfig] = Field(default_factory=lambda: [
+        SamplingConfig(steps=2, eta=0.0, samples=1), SamplingConfig(steps=10, eta=0.0, samples=1),
+        SamplingConfig(steps=10, eta=1.0, samples=1)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +541,10 @@ class StorageConfig(Section):
     weights_uri: str | None = None
     # Local pyiqa weight cache; None: pyiqa's default (~/.cache/torch/hub/pyiqa).
     weights_dir: str | None = None
+    # s3://bucket/prefix where sft and rl mirror their resume state after each checkpoint, so a
+    # task retried on another machine (a pre-empted pod) continues where the first one stopped.
+    # None: the state stays in checkpoints/resume/ only.
+    resume_uri: str | None = None
 
     @field_validator("endpoint_url")
     @classmethod
@@ -538,7 +553,7 @@ class StorageConfig(Section):
             raise ValueError(f"'{v}' needs its scheme, e.g. http://127.0.0.1:9000 or https://s3.example.com")
         return v
 
-    @field_validator("weights_uri")
+    @field_validator("weights_uri", "resume_uri")
     @classmethod
     def _s3_uri(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith("s3://"):
@@ -558,6 +573,14 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _crop_fits_the_patches(self) -> Params:
+        crop, patch, scale = self.sft.crop_size, self.prepare.patch_size, self.prepare.lq_scale
+        if crop is not None and (crop > patch or crop % scale):
+            raise ValueError(f"sft.crop_size is {crop}: it must be at most prepare.patch_size ({patch}) and a "
+                             f"multiple of prepare.lq_scale ({scale})")
+        return self
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections: which settings made an artefact."""

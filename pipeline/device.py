@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,11 +49,18 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
 
 
 def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                      grad_clip: float, scaler: torch.amp.GradScaler) -> None:
+                      grad_clip: float, scaler: torch.amp.GradScaler,
+                      reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None) -> None:
     """Back-propagate `loss`, clip the gradient norm of `params` and step (through `scaler`,
-    which skips a step whose fp16 gradients overflowed and lowers its scale)."""
+    which skips a step whose fp16 gradients overflowed and lowers its scale).
+
+    `reduce_grads`: called on `params` right after backward, before unscaling and clipping
+    (pipeline.distributed.average_gradients: every rank then clips and steps on the averaged
+    gradients, and an fp16 overflow on any rank reaches all of them)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if reduce_grads is not None:
+        reduce_grads(params)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(optimizer)

@@ -15,6 +15,11 @@ class Paths:
         return self.root / "data" / "prepared"
 
     @property
+    def source_listing(self) -> Path:
+        # The source images prepare reads, with checksums (the source stage): prepare's DVC dep.
+        return self.root / "data" / "source.json"
+
+    @property
     def manifest(self) -> Path:
         return self.data / "manifest.json"
 

@@ -130,6 +130,53 @@ def _download(client, bucket: str, key: str, target: Path, uri: str, endpoint: s
     os.replace(tmp, target)
 
 
+def object_uri(uri: str, *parts: str) -> str:
+    """`uri` with `parts` appended as key parts: object_uri("s3://b/p", "sft", "state.pt")."""
+    split_s3_uri(uri)
+    return "/".join([uri.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def upload_object(path: Path, uri: str, endpoint: str | None) -> None:
+    """Put the file at `uri` (s3://bucket/key). An S3 PUT is atomic: a reader sees the old
+    object or the new one, never a part (multipart uploads appear only once completed)."""
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3_client(endpoint).upload_file(str(path), bucket, key)
+    except Exception as err:
+        raise storage_error(err, uri, endpoint) from None
+
+
+def download_object(uri: str, target: Path, endpoint: str | None) -> bool:
+    """Copy the object at `uri` to `target` (temp name, then renamed); False when there is no
+    such key (a missing bucket is an error)."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    client = s3_client(endpoint)
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey"):
+            try:
+                client.head_bucket(Bucket=bucket)
+            except Exception as bucket_err:
+                raise storage_error(bucket_err, uri, endpoint) from None
+            return False
+        raise storage_error(err, uri, endpoint) from None
+    except Exception as err:
+        raise storage_error(err, uri, endpoint) from None
+    _download(client, bucket, key, Path(target), uri, endpoint)
+    return True
+
+
+def delete_object(uri: str, endpoint: str | None) -> None:
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3_client(endpoint).delete_object(Bucket=bucket, Key=key)
+    except Exception as err:
+        raise storage_error(err, uri, endpoint) from None
+
+
 def _same_file(path: Path, obj: dict) -> bool:
     """Size, and the MD5 where the ETag is one (single-part uploads)."""
     if not path.is_file() or path.stat().st_size != obj["Size"]:

@@ -80,18 +80,64 @@ def saved_step(state: Path) -> int:
         return 0
 
 
-def kill_mid_run(args: list[str], root: Path, state: Path, timeout: float = 300, after_step: int = 0) -> int:
+def kill_mid_run(args: list[str], root: Path, state, timeout: float = 300, after_step: int = 0) -> int:
     """Start `args` in `root`, SIGKILL it once it has saved a resume `state` beyond `after_step`;
-    the saved step."""
+    the saved step. `state`: the state file, or a function giving the saved step (0: none)."""
     import signal
     import time
 
+    step_of = state if callable(state) else lambda: saved_step(state)
     proc = subprocess.Popen(args, cwd=root, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
-    while saved_step(state) <= after_step and time.time() < deadline and proc.poll() is None:
+    while step_of() <= after_step and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
     proc.wait()
-    step = saved_step(state)
+    step = step_of()
     assert step > after_step, "the run ended before the next checkpoint; the test needs a mid-run kill"
     return step
+
+
+def kill_launcher_mid_run(args: list[str], root: Path, state: Path, timeout: float = 300) -> int:
+    """Start a launcher (torchrun), SIGKILL it and its workers together (a pre-empted node) once
+    a resume `state` is saved; the saved step. Killing the launcher alone leaves its workers running."""
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(args, cwd=root, env=tool_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(proc.pid)
+    deadline = time.time() + timeout
+    while saved_step(state) == 0 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    family = [launcher, *launcher.children(recursive=True)]
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
+    return saved_step(state)
+
+
+def scored_stand_ins(root: Path, prepared: Path) -> Path:
+    """In `root`: the prepared smoke data, an SFT stand-in (a barely trained-looking restorer),
+    a small reward model and the score table: what `rl` needs, made in seconds."""
+    from pipeline.data.dataset import load_split
+    from pipeline.models.restorer import PixelRestorer
+    from pipeline.models.reward_model import RewardModel
+    from pipeline.paths import Paths
+    from pipeline.stages import score
+
+    shutil.copytree(prepared / "data", root / "data")
+    paths = Paths(root)
+    torch.manual_seed(0)
+    model = PixelRestorer.build(smoke_params().model, load_split(paths.data, "train").tasks)
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
+    model.save_pretrained(paths.sft_model)
+    RewardModel(kernels=8, hidden=16).save(paths.reward_model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        score.run(smoke_params(), root)
+    return root

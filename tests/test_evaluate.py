@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.data.dataset import load_split
 from pipeline.stages import evaluate
+from tests.conftest import smoke_params
 
 
 def test_the_interval_is_paired_and_read_in_the_metrics_direction():
@@ -31,12 +32,45 @@ def test_every_row_but_lq_sft_and_gt_is_judged_against_sft(prepared_smoke):
     outputs = {"lq": test.lq_full, "sft": sft, "rl": sft + 0.02, "sft_blur": sft * 0.9}
     metrics = evaluate.score_outputs(outputs, test, ["psnr", "gmsd"], ["piqe"])
     assert set(metrics["vs_sft"]) == {"rl", "sft_blur"}
-    assert set(metrics["vs_sft"]["rl"]) == {"psnr", "gmsd", "piqe"}
+    assert set(metrics["vs_sft"]["rl"]) == {"psnr", "gmsd", "piqe", "realism"}
+    assert metrics["higher_is_better"]["realism"] is False and "realism" in metrics["overall"]["sft_blur"]
     mean_gap = metrics["overall"]["rl"]["psnr"] - metrics["overall"]["sft"]["psnr"]
     assert metrics["vs_sft"]["rl"]["psnr"]["diff"] == pytest.approx(mean_gap, abs=2e-4)
     table = evaluate.format_table(metrics)
     assert "  rl            psnr " in table and " worse;" in table
     assert metrics["higher_is_better"]["gmsd"] is False
+
+
+@pytest.fixture(scope="module")
+def bigger_test_split(tmp_path_factory):
+    """The smoke images with 64 test patches (about 9 per task)."""
+    from pipeline.stages import prepare
+
+    root = tmp_path_factory.mktemp("bigger_test")
+    prepare.run(smoke_params(prepare={"patches_per_image": {"train": 12, "val": 4, "test": 64}}), root)
+    return load_split(root / "data/prepared", "test")
+
+
+def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_away(bigger_test_split):
+    """GT is 0 from itself; a 1/255 dither and a 5 % contrast are nearly GT, a blur and the LQ
+    far from it; and the interval (halves of each task's patches) is paired with SFT's."""
+    from pipeline.rewards.hacks import HACKS
+    from pipeline.rewards.realism import Realism
+
+    test = bigger_test_split
+    realism, g = Realism(test.gt, test.tasks), torch.Generator().manual_seed(0)
+    distance = {name: realism.distance(hack(test.gt, g)) for name, hack in HACKS.items()}
+    assert realism.distance(test.gt) == 0.0
+    assert max(distance["dither"], distance["contrast"]) < 1 < distance["unsharp"] < distance["blur"]
+    # The LQ mixes blurred, noisy and dark patches: pooled over tasks that mixture spreads like
+    # GT's and would look closer than a 3x3 blur; per task it is the furthest of all.
+    assert realism.distance(test.lq_full) > distance["blur"]
+    # Noise of 4 grey levels: PSNR-wise small (about 36 dB), as a distribution plainly not GT.
+    noisy = (test.gt + 0.03 * torch.randn(test.gt.shape, generator=g)).clamp(-1, 1)
+    interval = realism.interval(noisy, test.gt, g, resamples=300)
+    assert interval["lo"] > 0 and evaluate.verdict(interval, higher_is_better=False) == "worse"
+    # Paired: the same images as SFT differ by exactly 0 on every half.
+    assert realism.interval(noisy, noisy, g, resamples=50) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
 def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):

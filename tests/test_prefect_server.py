@@ -199,8 +199,11 @@ def test_flow_runs_every_stage_and_publishes(built, api):
     # DVC owns the result: every stage is in the lock file and nothing is out of date.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(stages) <= set(lock["stages"])
-    status = _run([BIN / "dvc", "status", *stages], root).stdout
+    # `source` lists the source images on every run (always_changed); the rest is up to date.
+    built_stages = [s for s in stages if s != "source"]
+    status = _run([BIN / "dvc", "status", *built_stages], root).stdout
     assert "up to date" in status, status
+    assert "always changed" in _run([BIN / "dvc", "status", "source"], root).stdout
     assert (root / "checkpoints/sft").is_dir() and (root / "plots/eval_grid.png").stat().st_size > 0
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["n_test"] == 7  # the smoke profile's test patches, so the profile was applied
@@ -216,7 +219,7 @@ def test_flow_runs_every_stage_and_publishes(built, api):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in artifacts}
     assert {artifact_key(s) for s in stages} <= set(by_key)
-    for stage in stages:
+    for stage in built_stages:  # `source` only lists files: no MLflow run
         info = json.loads((root / f".restorl/runs/{stage}.json").read_text())
         text = by_key[artifact_key(stage)].data
         assert by_key[artifact_key(stage)].type == "markdown"
@@ -235,7 +238,8 @@ def test_second_run_skips_up_to_date_stages(built, api):
     seconds = time.perf_counter() - start
     assert state.is_completed(), state.message
     results = state.result()
-    assert [r["ran"] for r in results[:-1]] == [False] * len(_pipeline_stages(root))
+    # Only `source` runs (always_changed): the same listing leaves every other stage up to date.
+    assert {r["stage"]: r["ran"] for r in results[:-1]} == {s: s == "source" for s in _pipeline_stages(root)}
     assert (root / "dvc.lock").read_text() == lock_before
     assert {p.name: p.read_text() for p in (root / ".restorl/runs").glob("*.json")} == runs_before  # no new MLflow run
     print(f"first run {built['seconds']:.1f} s, second run {seconds:.1f} s")
@@ -314,11 +318,12 @@ def test_stage_user_error_is_not_retried(api, tmp_path):
     root = new_workspace(tmp_path / "ws")
     missing = tmp_path / "no-images-here"
     start = time.perf_counter()
-    # Valid params (the schema cannot know the folder is absent): `restorl prepare` exits 2.
+    # Valid params (the schema cannot know the folder is absent): the first stage (`source`,
+    # listing the images) exits 2.
     state = training_pipeline(profile="smoke", overrides={"prepare": {"source": {"kind": "folder", "path": str(missing)}}},
                               workspace=str(root), retries=3, retry_delay_s=60, return_state=True)
     assert state.is_failed()
-    assert f"error: {missing}: not a directory" in state.message, state.message
+    assert f"error: prepare.source.path: {missing} is not a directory" in state.message, state.message
     first = _pipeline_stages(root)[0]
     runs = _task_runs(state.state_details.flow_run_id)
     assert runs[first].run_count == 1 and runs[first].state.is_failed()

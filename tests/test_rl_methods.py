@@ -30,7 +30,7 @@ from pipeline.rl.regularizers import (
     wavelet_ll_l1,
 )
 from pipeline.rl.rollout import collect
-from tests.conftest import REPO, smoke_params, smoke_raw
+from tests.conftest import REPO, scored_stand_ins, smoke_params, smoke_raw
 
 METHODS = ("ddpo", "coca", "lrpo", "rfsr", "ppo", "uniform")
 # ppo.yaml scores steps 5 and 10 of the default 10-step rollouts; smoke rollouts have 3 steps.
@@ -364,20 +364,7 @@ def test_faces_source_makes_one_patch_per_face(tmp_path):
 @pytest.fixture(scope="module")
 def scored_workspace(tmp_path_factory, prepared_smoke):
     """Smoke data, an SFT stand-in, a reward model and the score table, made once."""
-    from pipeline.stages import score
-
-    root = tmp_path_factory.mktemp("methods")
-    shutil.copytree(prepared_smoke / "data", root / "data")
-    paths = Paths(root)
-    torch.manual_seed(0)
-    model = PixelRestorer.build(smoke_params().model, load_split(paths.data, "train").tasks)
-    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
-    model.save_pretrained(paths.sft_model)
-    RewardModel(kernels=8, hidden=16).save(paths.reward_model)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        score.run(smoke_params(), root)
-    return root
+    return scored_stand_ins(tmp_path_factory.mktemp("methods"), prepared_smoke)
 
 
 @pytest.mark.e2e

@@ -25,6 +25,7 @@ from pipeline.rl.difficulty_table import read_table
 from pipeline.rl.parts import pick
 from pipeline.rl.rollout import collect
 from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw, write_params
+from tests.test_storage import creds, make_bucket, moto_fixture, s3  # noqa: F401  (the moto S3 fixtures)
 
 # ---------------------------------------------------------------------------------------------
 # parts
@@ -379,23 +380,51 @@ def test_evaluate_reports_rl_and_hack_controls(models_ready):
     assert metrics["overall"]["sft_blur"]["psnr"] != metrics["overall"]["sft"]["psnr"]
     table = evaluate.format_table(metrics)
     assert "sft_contrast" in table and "reward↑" in table
+    # The perception-distortion picture: SFT and RL at `sampling` and at each frontier setting,
+    # the controls at `sampling`; the points at `sampling` are the table's own figures.
+    with open(models_ready / "plots/frontier.csv") as f:
+        points = list(csv.DictReader(f))
+    assert [(p["series"], p["steps"], p["samples"]) for p in points] == [
+        ("sft", "3", "2"), ("rl", "3", "2"), ("sft_dither", "3", "2"), ("sft_unsharp", "3", "2"),
+        ("sft_blur", "3", "2"), ("sft_contrast", "3", "2"), ("sft", "2", "1"), ("rl", "2", "1")]
+    for p in points[:6]:
+        overall = metrics["overall"][p["series"]]
+        assert float(p["psnr"]) == pytest.approx(overall["psnr"], abs=1e-3)
+        assert float(p["realism"]) == overall["realism"] and float(p["reward"]) == pytest.approx(overall["reward"], abs=1e-3)
+    assert points[6]["psnr"] != points[0]["psnr"], "another sampler setting, another restoration"
+    assert (models_ready / "plots/frontier.png").stat().st_size > 10_000
 
 
 # ---------------------------------------------------------------------------------------------
 # resume
 
 
-def _rl_params(root):
+def _rl_params(root, **sections):
     raw = smoke_raw()
     raw["rl"] |= {"epochs": 12}  # enough epochs that a kill lands mid-run
-    write_params(root, raw)
+    write_params(root, raw | sections)
+
+
+def _s3_step(moto) -> int:
+    """The epoch of the rl resume state on S3 (0: none there)."""
+    import io
+
+    client = s3(moto)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="resume", Prefix="runs/rl/").get("Contents", [])]
+    if not keys:
+        return 0
+    assert len(keys) == 1 and keys[0].endswith("/state.pt"), keys  # one fingerprint, one state
+    body = client.get_object(Bucket="resume", Key=keys[0])["Body"].read()
+    return torch.load(io.BytesIO(body), weights_only=True)["step"]
 
 
 def _rl_weights(root):
     return load_file(root / "checkpoints/rl/unet/diffusion_pytorch_model.safetensors")
 
 
-def test_killed_rl_resumes_and_matches_uninterrupted_run(models_ready, tmp_path_factory):
+def test_killed_rl_resumes_and_matches_uninterrupted_run(models_ready, tmp_path_factory, moto, creds):  # noqa: F811
+    """Killed twice; the first time it resumes from the local state, the second time from the
+    copy on S3 (storage.resume_uri, moto) after the local state is deleted, as on a new pod."""
     from pipeline.stages import score
 
     score.run(smoke_params(), models_ready)
@@ -405,17 +434,19 @@ def test_killed_rl_resumes_and_matches_uninterrupted_run(models_ready, tmp_path_
     _rl_params(reference)
     run_tool([str(BIN / "restorl"), "rl"], reference)
 
-    _rl_params(models_ready)
+    make_bucket(moto, "resume")
+    _rl_params(models_ready, storage={"endpoint_url": creds, "resume_uri": "s3://resume/runs"})
     state = models_ready / "checkpoints/resume/rl/state.pt"
-    # Killed twice (the second time after resuming from the first kill), then run to the end.
     first = kill_mid_run([str(BIN / "restorl"), "rl"], models_ready, state)
-    second = kill_mid_run([str(BIN / "restorl"), "rl"], models_ready, state, after_step=first)
+    # The second kill waits for the S3 copy (the upload follows the local write).
+    second = kill_mid_run([str(BIN / "restorl"), "rl"], models_ready, lambda: _s3_step(moto), after_step=first)
     assert not (models_ready / "checkpoints/rl").exists(), "a killed run must not leave a final model"
     assert 0 < first < second < 12
+    shutil.rmtree(models_ready / "checkpoints/resume")  # a new machine: only S3 has the state
 
     resumed = run_tool([str(BIN / "restorl"), "rl"], models_ready)
-    assert f"resuming from epoch {second}" in resumed.stdout
-    assert not state.exists(), "a finished run clears its resume state"
+    assert "fetched from s3://resume/runs/rl/" in resumed.stdout and f"resuming from epoch {second}" in resumed.stdout
+    assert not state.exists() and _s3_step(moto) == 0, "a finished run clears its resume state, here and on S3"
     # Exactly the same run (deterministic on the CPU): every epoch's figures, the last epoch's
     # record, the shipped (best) epoch and its weights.
     curves = [(root / "plots/rl_curves.csv").read_text() for root in (reference, models_ready)]

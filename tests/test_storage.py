@@ -268,3 +268,35 @@ def test_an_object_key_with_dotdot_is_refused_before_anything_is_written(moto, c
     with pytest.raises(storage.StorageError, match="refusing object key"):
         storage.download_prefix("s3://weights/pyiqa", tmp_path / "dl", creds)
     assert not list(tmp_path.rglob("escape.pth")) and not list(tmp_path.rglob("good.pth"))
+
+
+# ------------------------------------------------------------------------------- resume state
+
+
+def test_resume_state_on_s3_is_keyed_by_fingerprint_and_cleared(moto, creds, tmp_path):
+    """storage.resume_uri: a state saved on one machine is fetched on another only by a run of
+    the same fingerprint; a finished run deletes it; a missing bucket is an error naming it."""
+    from pipeline import checkpoint
+
+    make_bucket(moto, "resume")
+    cfg = StorageConfig(endpoint_url=creds, resume_uri="s3://resume/team")
+    layer = torch.nn.Linear(2, 2)
+    remote = checkpoint.RemoteState.of(cfg, "sft", "fp-a")
+    assert remote.uri == "s3://resume/team/sft/fp-a/state.pt"
+    checkpoint.save_state(tmp_path / "pod1", fingerprint="fp-a", step=7, objects={"layer": layer},
+                          generator=torch.Generator().manual_seed(3), stats={"loss": [0.5]}, remote=remote)
+
+    other = checkpoint.RemoteState.of(cfg, "sft", "fp-b")  # other params, data or code
+    fresh = torch.nn.Linear(2, 2)
+    assert checkpoint.load_state(tmp_path / "pod2", fingerprint="fp-b", objects={"layer": fresh},
+                                 generator=torch.Generator(), remote=other) is None
+    assert not (tmp_path / "pod2").exists()
+    assert checkpoint.load_state(tmp_path / "pod3", fingerprint="fp-a", objects={"layer": fresh},
+                                 generator=torch.Generator(), remote=remote) == (7, {"loss": [0.5]})
+    assert torch.equal(fresh.weight, layer.weight)
+
+    checkpoint.clear_state(tmp_path / "pod3", remote)
+    assert not s3(moto).list_objects_v2(Bucket="resume").get("Contents")
+    gone = checkpoint.RemoteState.of(StorageConfig(endpoint_url=creds, resume_uri="s3://no-such-bucket/x"), "rl", "f")
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket/x/rl/f/state\.pt: bucket or key not found"):
+        checkpoint.load_state(tmp_path / "pod4", fingerprint="f", objects={}, generator=torch.Generator(), remote=gone)

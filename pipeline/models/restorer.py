@@ -170,13 +170,20 @@ class Restorer(torch.nn.Module):
         return out.float()
 
     def sft_loss(self, gt: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None,
-                 tasks: list[str] | None = None) -> torch.Tensor:
-        """Per-sample denoising loss (B,) for the configured prediction target (mean over the signal)."""
+                 tasks: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Per-sample denoising loss (B,) for the configured prediction target (mean over the signal).
+
+        `shard` (rank, world): `gt` and `cond` are rows rank*B..(rank+1)*B of a global batch of
+        world*B rows (pipeline/distributed.py). The noise and timesteps are drawn for the whole
+        global batch, the same draws on every rank and in one process, and this shard's rows kept."""
         with torch.no_grad():
             x0 = self.signal(gt, cond)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
-        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                          generator=generator, device="cpu").to(x0.device)
+        rank, world = shard
+        n = x0.shape[0]
+        mine = slice(rank * n, (rank + 1) * n)
+        noise = torch.randn((n * world, *x0.shape[1:]), generator=generator, device="cpu")[mine].to(x0.device)
+        t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n * world,),
+                          generator=generator, device="cpu")[mine].to(x0.device)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         kind = self.train_scheduler.config.prediction_type
         target = {"epsilon": noise, "sample": x0}.get(kind)
@@ -213,9 +220,21 @@ class Restorer(torch.nn.Module):
 
     def sample(self, cond: torch.Tensor, steps: int, eta: float = 0.0,
                generator: torch.Generator | None = None, keep_trajectory: bool = False,
-               grad_last_k: int = 0, tasks: list[str] | None = None) -> SampleOutput:
-        """DDIM sampling from pure noise; gradients flow only through the last `grad_last_k` steps."""
-        x = torch.randn(self.noise_shape(cond), generator=generator, device="cpu").to(cond.device)
+               grad_last_k: int = 0, tasks: list[str] | None = None,
+               shard: tuple[int, int] = (0, 1)) -> SampleOutput:
+        """DDIM sampling from pure noise; gradients flow only through the last `grad_last_k` steps.
+
+        `shard` (rank, world): `cond` holds rows rank*B..(rank+1)*B of a global batch of world*B
+        rows (pipeline/distributed.py); each noise draw is the global batch's, the same on every
+        rank and in one process, and this shard's rows kept."""
+        rank, world = shard
+        n = cond.shape[0]
+
+        def noise(shape: tuple[int, ...]) -> torch.Tensor:
+            drawn = torch.randn((n * world, *shape[1:]), generator=generator, device="cpu")
+            return drawn[rank * n:(rank + 1) * n].to(cond.device)
+
+        x = noise(self.noise_shape(cond))
         timesteps = self.timesteps(steps)
         result = SampleOutput(image=x, timesteps=timesteps)
         if keep_trajectory:
@@ -223,8 +242,7 @@ class Restorer(torch.nn.Module):
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i >= steps - grad_last_k):
                 out = self.step(x, t, cond, eta, tasks, decode=keep_trajectory)
-                noise = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
-                x = out.mean + out.std * noise
+                x = out.mean + out.std * noise(x.shape)
             if keep_trajectory:
                 result.latents.append(x)
                 result.steps.append(out)

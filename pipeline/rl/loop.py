@@ -13,6 +13,10 @@ bench/rl_timing.py times them one by one.
   validation val reward and PSNR, restored as `evaluate` restores.
   selection  the epoch with the best val reward gain over SFT whose PSNR fell by at most
              `psnr_guard` dB, overall and on every task (epoch 0 is the SFT model itself).
+
+On many processes (pipeline/rl/sharding.py) each rank samples the groups of its share of the
+images, and everything after sampling sees the gathered, global rewards, difficulties and
+rollouts; the update trains each rank on its equal share of every minibatch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import distributed
 from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, RlConfig
 from pipeline.data.dataset import PairedSplit
@@ -31,6 +36,7 @@ from pipeline.models.restorer import Restorer
 from pipeline.models.sampling import restore_split
 from pipeline.rewards import iqa
 from pipeline.rewards.scorers import Reward
+from pipeline.rl import sharding
 from pipeline.rl.advantages import group_advantages, zero_variance_share
 from pipeline.rl.difficulty import DifficultyTracker, draw_images, mixed_loss
 from pipeline.rl.difficulty_table import measure
@@ -92,16 +98,19 @@ def sample_epoch(model: Restorer, pool: Pool, reward: Reward, tracker: Difficult
                  params: Params, generator: torch.Generator) -> EpochSamples:
     """Rollouts, their rewards and advantages, and the RL weights; refreshes the pool's and the
     tracker's difficulties from the rollouts."""
-    cfg, device = params.rl, model.device
+    cfg, device, train = params.rl, model.device, pool.train
+    # The whole epoch's images on every rank; this rank samples the groups of its share of them.
     picked = draw_images(pool.difficulty, cfg.images_per_epoch, cfg.difficulty.oversample, generator)
     idx = pool.index[picked]
+    own = idx[distributed.rows(len(idx) // distributed.world_size())]
     model.eval()
-    train = pool.train
-    r = collect(model, train.lq[idx].to(device), train.gt[idx].to(device), [train.tasks[i] for i in idx.tolist()],
-                cfg.group_size, cfg.steps, cfg.eta, generator)
-    rewards = checkpoint_rewards(reward, r, cfg.reward_steps)
+    local = collect(model, train.lq[own].to(device), train.gt[own].to(device), [train.tasks[i] for i in own.tolist()],
+                    cfg.group_size, cfg.steps, cfg.eta, generator, sharding.shard())
+    # Rewards and difficulties of every group, on every rank; then the rollouts for the update.
+    rewards = sharding.gather(checkpoint_rewards(reward, local, cfg.reward_steps), dim=1)
+    fresh = sharding.gather(measure(reward, local.images, local.gt, params.score.fidelity_weight)["difficulty"])
+    r = sharding.gather_rollouts(local, [train.tasks[i] for i in idx.tolist() for _ in range(cfg.group_size)])
     advantages = per_step_advantages(rewards, r, parts, cfg) if parts.needs_advantages else None
-    fresh = measure(reward, r.images, r.gt, params.score.fidelity_weight)["difficulty"]
     fresh = fresh.view(-1, cfg.group_size).mean(dim=1)
     w = parts.weighting.weights(tracker, fresh, cfg.difficulty.q_lo, cfg.difficulty.q_hi)
     tracker.update(fresh)
@@ -146,24 +155,28 @@ def train_on_rollouts(model: Restorer, optimizer: torch.optim.Optimizer, samples
     updates = 0
     model.train()
     for _ in range(cfg.inner_epochs):
-        for mb in torch.randperm(r.lq.shape[0], generator=generator).split(cfg.minibatch):
+        for global_mb in torch.randperm(r.lq.shape[0], generator=generator).split(cfg.minibatch):
+            mb = sharding.mine(global_mb)  # this rank's equal share; the mean of the ranks' losses is the global one
             batch = UpdateBatch(r, mb, cfg, generator, advantages, reward, reference)
             terms = parts.objective.loss(model, batch)
             tasks = [r.tasks[i] for i in mb.tolist()] if r.tasks else None
             # With w = 1 for every sample the SFT term is multiplied by 0: do not pay for it.
-            l_sft = model.sft_loss(r.gt[mb], r.lq[mb], generator, tasks=tasks) if parts.uses_sft else torch.zeros(len(mb))
+            l_sft = model.sft_loss(r.gt[mb], r.lq[mb], generator, tasks=tasks, shard=sharding.shard()) \
+                if parts.uses_sft else torch.zeros(len(mb))
             per_sample = mixed_loss(w[mb], terms.rl, l_sft.to(w.device), cfg.difficulty.lambda_sft) + cfg.kl_beta * terms.kl
             if cfg.regularizers:
                 per_sample = per_sample + terms.regularizers
             loss = per_sample.mean()
-            ensure_finite(loss, "rl", f"the update of epoch {epoch}", resume_dir or Path("checkpoints/resume/rl"))
-            backward_and_step(loss, optimizer, model.trainable_parameters(), cfg.grad_clip, scaler)
+            ensure_finite(distributed.mean(loss), "rl", f"the update of epoch {epoch}",
+                          resume_dir or Path("checkpoints/resume/rl"))
+            backward_and_step(loss, optimizer, model.trainable_parameters(), cfg.grad_clip, scaler,
+                              distributed.average_gradients)
             step_values = {"loss_rl": _mean(terms.rl), "loss_sft": _mean(l_sft), "kl": _mean(terms.kl),
                            "clip_frac": terms.clip_frac, "loss_reg": _mean(terms.regularizers)}
             for key in totals:
                 totals[key] += step_values[key]
             updates += 1
-    means = {k: v / updates for k, v in totals.items()}
+    means = sharding.mean_over_ranks({k: v / updates for k, v in totals.items()})
     return UpdateLosses(means["loss_rl"], means["loss_sft"], means["kl"], means["clip_frac"], means.get("loss_reg"))
 
 

@@ -35,14 +35,19 @@ class Rollouts:
 
 
 def collect(model: Restorer, lq: torch.Tensor, gt: torch.Tensor, tasks: list[str] | None,
-            group_size: int, steps: int, eta: float, generator: torch.Generator) -> Rollouts:
-    """Sample `group_size` restorations of each LQ image (same LQ, different noise)."""
+            group_size: int, steps: int, eta: float, generator: torch.Generator,
+            shard: tuple[int, int] = (0, 1)) -> Rollouts:
+    """Sample `group_size` restorations of each LQ image (same LQ, different noise).
+
+    `shard` (rank, world): `lq` holds rank's share of a global batch of world times as many
+    images (pipeline/rl/sharding.py); the noise is drawn for the whole global batch, the same
+    draws on every rank and in one process, and this shard's rows kept."""
     if eta <= 0:
         raise ValueError("RL needs eta > 0: with eta = 0 DDIM is deterministic and has no policy")
     lq_g, gt_g = lq.repeat_interleave(group_size, 0), gt.repeat_interleave(group_size, 0)
     tasks_g = [t for t in tasks for _ in range(group_size)] if tasks else None
     with torch.no_grad():
-        out = model.sample(lq_g, steps, eta, generator, keep_trajectory=True, tasks=tasks_g)
+        out = model.sample(lq_g, steps, eta, generator, keep_trajectory=True, tasks=tasks_g, shard=shard)
     stds = [s.std for s in out.steps]
     log_probs = torch.stack([gaussian_log_prob(out.latents[i + 1], s.mean, s.std) for i, s in enumerate(out.steps)])
     return Rollouts(lq_g, gt_g, tasks_g, group_size, out.timesteps, stds, step_mask(stds),

@@ -5,16 +5,21 @@ Rows: LQ, SFT, RL (when `checkpoints/rl` exists), the hack controls applied to t
 control's is no gain) and GT. Full-reference metrics (`evaluate.fr_metrics`, by pyiqa: PSNR,
 SSIM, and GMSD, FSIM and NLPD, judges RL never trained on) compare with GT; no-reference
 metrics (PIQE, and the learned `reward` when `checkpoints/reward` exists) score each image
-alone, GT included. Figures are given overall and per degradation task, and for RL and each
+alone, GT included. `realism` (pipeline/rewards/realism.py) is how far the outputs' image
+statistics lie from GT's as a distribution, per task, averaged over the tasks (lower is closer;
+overall only). Figures are given overall and per degradation task, and for RL and each
 control against SFT: the mean paired difference with a 95 % bootstrap interval over patches,
 so a row "improves" a metric only when its interval clears zero.
 Output: `metrics/evaluate.json` (DVC metrics: every row overall, RL against SFT),
 `metrics/evaluate_detail.json` (per task, every row against SFT), `plots/eval_grid.png`
-(LQ | SFT | RL | GT, labelled), and the same in an MLflow run.
+(LQ | SFT | RL | GT, labelled), the perception-distortion picture `plots/frontier.csv` and
+`.png` (SFT and RL across sampler settings, the controls as points), and the same in an MLflow
+run.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +28,7 @@ import mlflow
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_file
@@ -33,11 +39,12 @@ from pipeline.data.sources import DataError
 from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
 from pipeline.models.restorer import Restorer
-from pipeline.models.sampling import restore_split
+from pipeline.models.sampling import restore, restore_split
 from pipeline.paths import Paths
 from pipeline.redaction import redact
 from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
+from pipeline.rewards.realism import Realism
 from pipeline.rewards.scorers import build_reward
 from pipeline.storage import pyiqa_cache_dir
 
@@ -73,6 +80,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             with atomic_file(paths.metrics / name) as tmp:
                 tmp.write_text(json.dumps(content, indent=2))
         save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
+        points = frontier(models, outputs, test, params, scorers)
+        save_frontier(paths.plots / "frontier.csv", points)
+        mlflow.log_artifact(str(paths.plots / "frontier.csv"))
+        mlflow.log_artifact(str(paths.plots / "frontier.png"))
         mlflow.log_metrics({k: v for k, v in flatten(metrics["overall"]).items()})
         mlflow.log_metrics({f"task.{k}": v for k, v in flatten(metrics["per_task"]).items()})
         mlflow.log_metrics({f"vs_sft.{k}": v for k, v in flatten(metrics["vs_sft"]).items()})
@@ -83,6 +94,62 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         mlflow.log_artifact(str(paths.plots / "eval_grid.png"))
     print(format_table(metrics))
     return metrics
+
+
+def frontier(models: dict[str, Restorer], outputs: dict[str, torch.Tensor], test: PairedSplit, params: Params,
+             scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
+    """The perception-distortion picture: for SFT and RL at `evaluate.sampling` and at each
+    `evaluate.frontier` setting, and for the hack controls at `evaluate.sampling`, the test
+    split's mean PSNR, its realism and its mean learned reward (when there is one). RL helps
+    where its points lie beyond SFT's curve, not where they slide along it."""
+    cfg, realism = params.evaluate, Realism(test.gt, test.tasks)
+
+    def point(series: str, setting, images: torch.Tensor) -> dict:
+        figures = {"psnr": float(iqa.psnr(images, test.gt).mean()), "realism": realism.distance(images)}
+        with torch.no_grad():
+            figures |= {name: float(fn(images).mean()) for name, fn in scorers.items()}
+        return {"series": series, "steps": setting.steps, "eta": setting.eta, "samples": setting.samples} | {
+            k: round(v, 4) for k, v in figures.items()}
+
+    points = [point(row, cfg.sampling, outputs[row]) for row in outputs if row != "lq"]
+    for setting in tqdm(cfg.frontier, desc="frontier", unit="setting"):
+        generator = torch.Generator().manual_seed(params.runtime.seed)
+        for name, model in models.items():
+            images = restore(model, test, setting, cfg.batch_size, generator)
+            points.append(point(name, setting, images))
+    return points
+
+
+def save_frontier(path: Path, points: list[dict]) -> None:
+    """plots/frontier.csv (a DVC plot) and plots/frontier.png: PSNR against realism and against
+    each score, one colour per model, the controls as labelled crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(points[0]))
+        writer.writeheader()
+        writer.writerows(points)
+    scores = [k for k in points[0] if k not in ("series", "steps", "eta", "samples", "psnr")]
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 4), squeeze=False)
+    for ax, score in zip(axes[0], scores):
+        for series in dict.fromkeys(p["series"] for p in points):
+            mine = [p for p in points if p["series"] == series]
+            control = series not in ("sft", "rl")
+            ax.scatter([p["psnr"] for p in mine], [p[score] for p in mine], marker="x" if control else "o",
+                       label=None if control else series.upper())
+            for p in mine:
+                label = series if control else f"{p['steps']} st, eta {p['eta']:g}, x{p['samples']}"
+                ax.annotate(label, (p["psnr"], p[score]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("PSNR (dB) ->")
+        ax.set_ylabel(f"{score} ({'<- lower is closer to GT' if score == REALISM else 'higher is better ->'})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def score_benchmark(name: str, models: dict[str, Restorer], params: Params,
@@ -133,18 +200,28 @@ def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metric
 
     tasks = np.array(data.tasks)
     generator = torch.Generator().manual_seed(seed)
-    return {
+    compared = [row for row in per_image if "sft" in per_image and row not in ("lq", "sft", "gt")]
+    metrics = {
         "n_test": len(data),
-        "higher_is_better": directions,
+        "higher_is_better": directions | {REALISM: False},
         "overall": means(torch.ones(len(data), dtype=torch.bool)),
         # Each row against SFT on the same patches: a row improves a metric only when the
         # interval clears zero on its better side.
         "vs_sft": {row: {m: paired_interval(scores[m], per_image["sft"][m], generator)
-                         for m in scores} for row, scores in per_image.items()
-                   if "sft" in per_image and row not in ("lq", "sft", "gt")},
+                         for m in scores} for row, scores in per_image.items() if row in compared},
         "per_task": {t: {"n": int((tasks == t).sum()), **means(torch.from_numpy(tasks == t))}
                      for t in sorted(set(tasks))},
     }
+    # Distribution-level realism (pipeline/rewards/realism.py): a figure per row, not per patch.
+    realism, halves = Realism(data.gt, data.tasks), torch.Generator().manual_seed(seed)
+    for row, images in outputs.items():
+        metrics["overall"][row][REALISM] = round(realism.distance(images), 4)
+    for row in compared:
+        metrics["vs_sft"][row][REALISM] = realism.interval(outputs[row], outputs["sft"], halves)
+    return metrics
+
+
+REALISM = "realism"  # MMD^2 x 100 of the outputs' image statistics from GT's, per task, averaged
 
 
 DETAIL = ("per_task", "vs_sft")  # in metrics/evaluate_detail.json; the headline keeps RL against SFT

@@ -8,10 +8,20 @@ the SFT model itself), so a run that starts hacking the reward is not shipped.
 Resumable per epoch: model, optimiser, RNG, difficulty statistics, history and best-so-far go
 to `checkpoints/resume/rl/`. Output: `checkpoints/rl` (diffusers folder), `metrics/rl.json`,
 `plots/rl_curves.csv`, an MLflow run, and a new registered version with alias `challenger`.
+
+Many processes (`torchrun --nproc_per_node N -m pipeline.cli rl`; docs/distributed.md):
+`rl.images_per_epoch` and `rl.minibatch` are global, multiples of N. Every rank draws the epoch's
+images and all rollouts' noise from the same seeded generator and samples the groups of its
+images; rewards, difficulties and rollouts are gathered (pipeline/rl/sharding.py), so advantages,
+difficulty statistics and logs are the global ones; each rank trains on an equal share of every
+minibatch and steps on the gradients averaged over the ranks. Rank 0 validates and sends its
+figures to all, so all select the same epoch; only it logs to MLflow and writes outputs and the
+resume state, which every rank reads. N processes end with one process's weights (to rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -22,7 +32,7 @@ import mlflow
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, distributed, tracking
 from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.config import Params
 from pipeline.data.dataset import PairedSplit, load_split
@@ -34,7 +44,7 @@ from pipeline.models.restorer import Restorer
 from pipeline.paths import Paths
 from pipeline.rewards.checks import require_passed
 from pipeline.rewards.scorers import Reward, load_reward
-from pipeline.rl import loop, parts
+from pipeline.rl import loop, parts, sharding
 from pipeline.rl.difficulty import DifficultyTracker
 from pipeline.rl.difficulty_table import read_table
 from pipeline.stage_code import code_hash
@@ -59,60 +69,101 @@ class Setup:
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
+    """Train; under a launcher (WORLD_SIZE > 1) every process runs this (module docstring)."""
     cfg, paths = params.rl, Paths(root)
     picked = parts.pick(cfg)
     reward_failures = require_passed(paths.metrics / "reward.json", cfg.allow_failed_reward_checks) \
         if "learned" in cfg.reward else []
-    device = setup_runtime(params.runtime)
+    # Checked before any process group starts: whole groups on each rank, equal shares of each minibatch.
+    distributed.per_rank_batch(cfg.images_per_epoch, "rl.images_per_epoch")
+    distributed.per_rank_batch(cfg.minibatch, "rl.minibatch")
+    with distributed.session(setup_runtime(params.runtime)) as device:
+        return _train(params, paths, picked, device, reward_failures)
+
+
+def _train(params: Params, paths: Paths, picked: parts.RlParts, device: torch.device,
+           reward_failures: list[str]) -> dict:
+    cfg, main = params.rl, distributed.is_main()
     s = setup(params, paths, picked, device)
     resume_dir = paths.resume / "rl"
     fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime", "evaluate"],
                                          [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model],
                                          code_hash("rl"))
     resumable = {"model": s.model, "optimizer": s.optimizer, "tracker": s.tracker, "grad_scaler": s.scaler}
-    resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=s.generator)
+    remote = checkpoint.RemoteState.of(params.storage, "rl", fingerprint)  # storage.resume_uri
+    # Every rank reads the state the main process wrote.
+    resumed = checkpoint.load_state(resume_dir, fingerprint=fingerprint, objects=resumable, generator=s.generator,
+                                    remote=remote)
+    distributed.broadcast_(s.model.trainable_parameters())  # every rank goes on from the main process's weights
     if resumed:
         start, stats = resumed
         stats["best"] = loop.Selection(**stats["best"])  # saved as a plain dict (loaded weights_only)
         s.pool.difficulty = stats["difficulty"]
-        print(f"rl: resuming from epoch {start} ({resume_dir})")
+        if main:
+            print(f"rl: resuming from epoch {start} ({resume_dir})")
     else:
-        start, baseline = 0, loop.validate(s.model, s.reward, s.val, params).as_dict()
+        start, baseline = 0, validated(s, params).as_dict()
         stats = {"difficulty": s.pool.difficulty, "history": [], "baseline": baseline,
                  "best": loop.Selection(0, 0.0, baseline, s.model.trainable_state())}
 
-    with tracking.stage_run("rl", params, SECTIONS, root) as active:
-        mlflow.set_tag("restorl.resumed_from_epoch", str(start))
-        if reward_failures:
-            mlflow.set_tag("restorl.reward_checks_failed", "; ".join(reward_failures)[:5000])
-        mlflow.log_metrics({"val_reward": stats["baseline"]["reward"], "val_psnr": stats["baseline"]["psnr"]}, step=0)
+    # Only the main process opens an MLflow run, logs, and writes outputs and resume state.
+    with tracking.stage_run("rl", params, SECTIONS, paths.root) if main else contextlib.nullcontext() as active:
+        if main:
+            log_start(start, reward_failures, stats["baseline"])
         t0 = time.perf_counter()
-        bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc="rl", unit="epoch")
+        bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc="rl", unit="epoch",
+                   disable=not main)
         for epoch in bar:
-            samples = loop.sample_epoch(s.model, s.pool, s.reward, s.tracker, picked, params, s.generator)
-            losses = loop.train_on_rollouts(s.model, s.optimizer, samples, picked, cfg, s.generator,
-                                            s.reference, s.feedback, epoch + 1, resume_dir, s.scaler)
-            result = loop.validate(s.model, s.reward, s.val, params)
-            stats["best"] = loop.select(stats["best"], epoch + 1, result, stats["baseline"], cfg.psnr_guard, s.model)
-            record = loop.epoch_record(epoch + 1, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,
-                                       result, stats["baseline"], cfg.kl_beta)
-            stats["history"].append(record)
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}
-                               | {f"val_psnr.{t}": v for t, v in result.task_psnr.items()}, step=epoch + 1)
+            record, result = run_epoch(params, s, picked, stats, epoch + 1, resume_dir)
             bar.set_postfix(reward=f"{record['reward.final.mean']:.3g}", val_psnr=f"{result.psnr:.2f}",
                             loss_rl=f"{record['loss_rl']:.2g}")
-            if epoch + 1 < cfg.epochs:
+            if main:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}
+                                   | {f"val_psnr.{t}": v for t, v in result.task_psnr.items()}, step=epoch + 1)
+            if main and epoch + 1 < cfg.epochs:
                 checkpoint.save_state(resume_dir, fingerprint=fingerprint, step=epoch + 1, objects=resumable,
-                                      generator=s.generator, stats=stats | {"best": asdict(stats["best"])})
+                                      generator=s.generator, stats=stats | {"best": asdict(stats["best"])},
+                                      remote=remote)
+        if not main:
+            return {"epochs": cfg.epochs, "best_epoch": stats["best"].epoch}
         summary = save_outputs(params, paths, s.model, stats, time.perf_counter() - t0)
-        version = register(params, paths, summary, stats["best"].epoch, active.info.run_id, root)
-    checkpoint.clear_state(resume_dir)
+        version = register(params, paths, summary, stats["best"].epoch, active.info.run_id, paths.root)
+    checkpoint.clear_state(resume_dir, remote)
     best = stats["best"]
     print(f"rl: {cfg.epochs} epochs ({summary['rollouts']} rollouts) in {summary['seconds']:.0f}s; best epoch "
           f"{best.epoch}: val reward {best.val['reward']:.4g} (SFT {stats['baseline']['reward']:.4g}), "
           f"val PSNR {best.val['psnr']:.2f} (SFT {stats['baseline']['psnr']:.2f}); "
           f"registered {params.tracking.registered_model} v{version}")
     return summary
+
+
+def run_epoch(params: Params, s: Setup, picked: parts.RlParts, stats: dict, epoch: int,
+              resume_dir: Path) -> tuple[dict, loop.Validation]:
+    """One epoch on every rank: sampling, update, validation, selection; its record (appended
+    to stats["history"]) and its validation."""
+    cfg = params.rl
+    samples = loop.sample_epoch(s.model, s.pool, s.reward, s.tracker, picked, params, s.generator)
+    losses = loop.train_on_rollouts(s.model, s.optimizer, samples, picked, cfg, s.generator,
+                                    s.reference, s.feedback, epoch, resume_dir, s.scaler)
+    result = validated(s, params)
+    stats["best"] = loop.select(stats["best"], epoch, result, stats["baseline"], cfg.psnr_guard, s.model)
+    record = loop.epoch_record(epoch, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,
+                               result, stats["baseline"], cfg.kl_beta)
+    stats["history"].append(record)
+    return record, result
+
+
+def validated(s: Setup, params: Params) -> loop.Validation:
+    """The val figures, computed by the main process and sent to every rank, so that all ranks
+    select the same epoch (the others wait: the weights are the same on every rank)."""
+    return sharding.broadcast_object(loop.validate(s.model, s.reward, s.val, params) if distributed.is_main() else None)
+
+
+def log_start(start: int, reward_failures: list[str], baseline: dict) -> None:
+    mlflow.set_tag("restorl.resumed_from_epoch", str(start))
+    if reward_failures:
+        mlflow.set_tag("restorl.reward_checks_failed", "; ".join(reward_failures)[:5000])
+    mlflow.log_metrics({"val_reward": baseline["reward"], "val_psnr": baseline["psnr"]}, step=0)
 
 
 def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.device) -> Setup:
