@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Hashable, Iterator, TypeVar
 
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+T = TypeVar("T")
 
 # Gradients are averaged in flat buckets of at most this many elements (bounded extra memory).
 BUCKET_ELEMENTS = 2 ** 24
@@ -91,6 +93,24 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def spread(jobs: "dict[Hashable, Callable[[], T]]") -> "dict[Hashable, T]":
+    """Run each job on one rank (the i-th on rank i % world size) and give the main process every
+    result, in the jobs' order; the other ranks get {}. One process runs them all. For work
+    whose pieces are independent (each restoration seeds its own generator): the results are
+    those of one process, bit for bit."""
+    if world_size() == 1:
+        return {key: job() for key, job in jobs.items()}
+    import torch.distributed as dist
+
+    mine = {key: job() for i, (key, job) in enumerate(jobs.items()) if i % world_size() == rank()}
+    parts: list | None = [None] * world_size() if is_main() else None
+    dist.gather_object(mine, parts, dst=0)
+    if not is_main():
+        return {}
+    done = {key: value for part in parts for key, value in part.items()}
+    return {key: done[key] for key in jobs}
 
 
 def mean(value: "torch.Tensor") -> "torch.Tensor":

@@ -158,3 +158,29 @@ def test_a_bad_restorl_processes_is_named(workspace, monkeypatch):
     proc = run_tool([str(BIN / "restorl"), "sft"], workspace, check=False)
     assert proc.returncode == 2 and "$RESTORL_PROCESSES is 'two'" in proc.stderr
     assert not (workspace / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: the restorations shared among the processes
+
+
+def test_evaluate_on_two_processes_writes_what_one_process_writes(tmp_path_factory, prepared_smoke):
+    """Each restoration (model x sampler setting) seeds its own generator, so sharing them among
+    processes changes nothing: the same metrics and frontier, byte for byte; only rank 0 writes."""
+    from tests.conftest import scored_stand_ins
+
+    roots = []
+    for name in ("evaluate-one", "evaluate-two"):
+        root = scored_stand_ins(tmp_path_factory.mktemp(name), prepared_smoke)
+        shutil.copytree(root / "checkpoints/sft", root / "checkpoints/rl")
+        _params(root)
+        roots.append(root)
+    run_tool([str(BIN / "restorl"), "evaluate"], roots[0])
+    two = run_tool([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli", "evaluate"],
+                   roots[1]).stdout
+    assert two.count("Against SFT on the same patches") == 1, "the main process alone prints the table"
+    for output in ("metrics/evaluate.json", "metrics/evaluate_detail.json", "plots/frontier.csv"):
+        assert (roots[0] / output).read_bytes() == (roots[1] / output).read_bytes(), output
+    mlflow.set_tracking_uri(f"sqlite:///{roots[1] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["restorl"], output_format="list")
+    assert sorted(r.data.tags["restorl.stage"] for r in runs) == ["evaluate", "score"]

@@ -105,6 +105,15 @@ def test_dockerfile_cuda_runtime_project_installed_non_root():
         "PREFECT_SERVER_ANALYTICS_ENABLED", ""))
 
 
+def test_the_gpu_image_trains_with_one_process_per_gpu():
+    """A Kubernetes job of gpu_count GPUs runs `restorl sft` (and rl, evaluate) on all of them:
+    the image sets RESTORL_PROCESSES=gpus (pipeline/cli.py relaunches under torchrun)."""
+    from pipeline.cli import PROCESSES_ENV
+
+    env = [ln.split(None, 1)[1] for ln in (INFRA / "Dockerfile").read_text().splitlines() if ln.startswith("ENV ")]
+    assert f"{PROCESSES_ENV}=gpus" in env
+
+
 def test_the_cuda_base_matches_the_cuda_of_the_pinned_torch_wheels():
     """torch's wheels bring their CUDA runtime (nvidia-cuda-runtime in constraints.txt); the
     image's CUDA base must be the same major.minor, or the driver/runtime pairing is untested."""

@@ -14,7 +14,7 @@ Output: `metrics/evaluate.json` (DVC metrics: every row overall, RL against SFT)
 `metrics/evaluate_detail.json` (per task, every row against SFT), `plots/eval_grid.png`
 (LQ | SFT | RL | GT, labelled), the perception-distortion picture `plots/frontier.csv` and
 `.png` (SFT and RL across sampler settings, the controls as points), and the same in an MLflow
-run.
+run. Under a launcher the restorations are shared among the processes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import mlflow
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.atomic import atomic_file
 from pipeline.config import Params, flatten
 from pipeline.data.benchmarks import load_benchmark
@@ -52,15 +51,22 @@ SECTIONS = ["evaluate"]
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    cfg, paths = params.evaluate, Paths(root)
-    device = setup_runtime(params.runtime)
+    """Under a launcher (WORLD_SIZE > 1) the restorations of the test split are shared among the
+    processes (`restorations`); the main process scores them and writes everything."""
+    with distributed.session(setup_runtime(params.runtime)) as device:
+        return _evaluate(params, Paths(root), device)
+
+
+def _evaluate(params: Params, paths: Paths, device: torch.device) -> dict:
+    cfg, root = params.evaluate, paths.root
     test = load_split(paths.data, "test")
+    checkpoints = {"sft": paths.sft_model} | ({"rl": paths.rl_model} if paths.rl_model.exists() else {})
+    models = {row: load_restorer(path, params.storage, paths.pretrained).to(device) for row, path in checkpoints.items()}
+    restored = distributed.spread(restorations(models, test, params))
+    if not distributed.is_main():
+        return {}
     with tracking.stage_run("evaluate", params, SECTIONS, root):
-        checkpoints = {"sft": paths.sft_model} | ({"rl": paths.rl_model} if paths.rl_model.exists() else {})
-        models = {row: load_restorer(path, params.storage, paths.pretrained).to(device)
-                  for row, path in checkpoints.items()}
-        outputs = {"lq": test.lq_full} | {row: restore_split(m, test, params, progress=True)
-                                          for row, m in models.items()}
+        outputs = {"lq": test.lq_full} | {row: restored[row, 0] for row in models}
         shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
         generator = torch.Generator().manual_seed(params.runtime.seed)
         outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
@@ -80,7 +86,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
             with atomic_file(paths.metrics / name) as tmp:
                 tmp.write_text(json.dumps(content, indent=2))
         save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
-        points = frontier(models, outputs, test, params, scorers)
+        points = frontier(outputs, restored, test, params, scorers)
         save_frontier(paths.plots / "frontier.csv", points)
         mlflow.log_artifact(str(paths.plots / "frontier.csv"))
         mlflow.log_artifact(str(paths.plots / "frontier.png"))
@@ -96,12 +102,26 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     return metrics
 
 
-def frontier(models: dict[str, Restorer], outputs: dict[str, torch.Tensor], test: PairedSplit, params: Params,
-             scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
+def restorations(models: dict[str, Restorer], test: PairedSplit, params: Params) -> dict[tuple[str, int], Callable]:
+    """Every restoration of the test split `evaluate` scores, keyed (model, setting): setting 0
+    is `evaluate.sampling`, 1.. the `evaluate.frontier` settings. Each seeds its own generator
+    with `runtime.seed`, so they can run in any order, on any process."""
+    cfg = params.evaluate
+
+    def job(model: Restorer, setting) -> Callable[[], torch.Tensor]:
+        return lambda: restore(model, test, setting, cfg.batch_size, torch.Generator().manual_seed(params.runtime.seed),
+                               progress=True)
+
+    return {(name, i): job(model, setting) for i, setting in enumerate([cfg.sampling, *cfg.frontier])
+            for name, model in models.items()}
+
+
+def frontier(outputs: dict[str, torch.Tensor], restored: dict[tuple[str, int], torch.Tensor], test: PairedSplit,
+             params: Params, scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
     """The perception-distortion picture: for SFT and RL at `evaluate.sampling` and at each
-    `evaluate.frontier` setting, and for the hack controls at `evaluate.sampling`, the test
-    split's mean PSNR, its realism and its mean learned reward (when there is one). RL helps
-    where its points lie beyond SFT's curve, not where they slide along it."""
+    `evaluate.frontier` setting (`restored`), and for the hack controls at `evaluate.sampling`
+    (`outputs`), the test split's mean PSNR, its realism and its mean learned reward (when there
+    is one). RL helps where its points lie beyond SFT's curve, not where they slide along it."""
     cfg, realism = params.evaluate, Realism(test.gt, test.tasks)
 
     def point(series: str, setting, images: torch.Tensor) -> dict:
@@ -112,12 +132,7 @@ def frontier(models: dict[str, Restorer], outputs: dict[str, torch.Tensor], test
             k: round(v, 4) for k, v in figures.items()}
 
     points = [point(row, cfg.sampling, outputs[row]) for row in outputs if row != "lq"]
-    for setting in tqdm(cfg.frontier, desc="frontier", unit="setting"):
-        generator = torch.Generator().manual_seed(params.runtime.seed)
-        for name, model in models.items():
-            images = restore(model, test, setting, cfg.batch_size, generator)
-            points.append(point(name, setting, images))
-    return points
+    return points + [point(name, cfg.frontier[i - 1], images) for (name, i), images in restored.items() if i > 0]
 
 
 def save_frontier(path: Path, points: list[dict]) -> None:
