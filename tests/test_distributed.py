@@ -133,12 +133,12 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_an_error(tmp_p
 
 
 def test_a_stage_that_runs_as_one_process_refuses_a_launcher(workspace):
-    """evaluate under a launcher would run N times over, each rank writing and logging: refused."""
+    """reward under a launcher would run N times over, each rank writing and logging: refused."""
     env = tool_env(workspace) | {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
-    proc = subprocess.run([str(BIN / "restorl"), "evaluate"], cwd=workspace, env=env, capture_output=True,
+    proc = subprocess.run([str(BIN / "restorl"), "reward"], cwd=workspace, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "evaluate runs as one process" in proc.stderr and "WORLD_SIZE is 2" in proc.stderr
+    assert "reward runs as one process" in proc.stderr and "WORLD_SIZE is 2" in proc.stderr
 
 
 def test_restorl_processes_starts_one_process_per_slot_under_torchrun(two_processes, tmp_path_factory,

@@ -108,7 +108,7 @@ def test_rewards_and_scores_load_learned_metrics_from_the_synced_cache(moto, tmp
     with torch.no_grad():
         expected = float(networks["cnniqa"][0]((split.lq + 1) / 2).mean())
     assert metrics["overall"]["lq"]["cnniqa"] == pytest.approx(expected, abs=1e-4)
-    assert metrics["higher_is_better"] == {"psnr": True, "piqe": False, "cnniqa": True}
+    assert metrics["higher_is_better"] == {"psnr": True, "piqe": False, "cnniqa": True, "realism": False}
 
 
 @pytest.mark.usefixtures("creds")
