@@ -35,7 +35,7 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], many_
         if world_size() > 1 and not many_processes:
             name = stage.__module__.removeprefix("pipeline.stages.") if stage.__module__.startswith(
                 "pipeline.stages.") else "this stage"
-            raise UserError(f"{name} runs as one process (only sft, rl and evaluate run on many); start it without "
+            raise UserError(f"{name} runs as one process (only sft, reward, rl and evaluate run on many); start it without "
                             f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
         # Before any work: an unreachable tracking server fails in seconds, naming its URI, and
@@ -56,7 +56,7 @@ def _relaunch_per_process(params_file: Path, profile: Optional[str]) -> None:
     """With $RESTORL_PROCESSES (a number, or `gpus`: one per GPU this machine shows) above 1 and
     no launcher around, replace this process by torchrun starting that many copies of the same
     command (the GPU image sets `gpus`, so a job given N GPUs trains on all N). Only for the
-    stages that run on many processes (sft, rl, evaluate). The params are
+    stages that run on many processes (sft, reward, rl, evaluate). The params are
     validated first, so a bad file fails here, once, with exit 2."""
     import os
     import sys
@@ -129,7 +129,7 @@ def reward(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> Non
     """Train the learned no-reference reward model (checkpoints/reward, metrics/reward.json)."""
     from pipeline.stages import reward as stage
 
-    _run_stage(stage.run, params, profile)
+    _run_stage(stage.run, params, profile, many_processes=True)
 
 
 @app.command()

@@ -95,22 +95,36 @@ def barrier() -> None:
         dist.barrier()
 
 
-def spread(jobs: "dict[Hashable, Callable[[], T]]") -> "dict[Hashable, T]":
-    """Run each job on one rank (the i-th on rank i % world size) and give the main process every
-    result, in the jobs' order; the other ranks get {}. One process runs them all. For work
-    whose pieces are independent (each restoration seeds its own generator): the results are
-    those of one process, bit for bit."""
+def spread(jobs: "dict[Hashable, Callable[[], T]]", everyone: bool = False) -> "dict[Hashable, T]":
+    """Run each job on one rank (the i-th on rank i % world size, `mine`) and give the main
+    process every result, in the jobs' order; the other ranks get {} (with `everyone`, every
+    rank gets them all). One process runs them all. For work whose pieces are independent (each
+    restoration batch seeds its own generator): the results are those of one process, bit for bit."""
+    keys = list(jobs)
+    return gather({key: jobs[key]() for key in mine(keys)}, keys, everyone)
+
+
+def mine(keys: "list[Hashable]") -> "list[Hashable]":
+    """This rank's share of a list of pieces of work: the i-th piece is rank i % world size's."""
+    return [key for i, key in enumerate(keys) if i % world_size() == rank()]
+
+
+def gather(results: "dict[Hashable, T]", keys: "list[Hashable]", everyone: bool = False) -> "dict[Hashable, T]":
+    """Every rank's `results` (each rank's `mine` of `keys`) for the main process, in the order
+    of `keys`; {} for the other ranks, or all of them with `everyone`."""
     if world_size() == 1:
-        return {key: job() for key, job in jobs.items()}
+        return {key: results[key] for key in keys}
     import torch.distributed as dist
 
-    mine = {key: job() for i, (key, job) in enumerate(jobs.items()) if i % world_size() == rank()}
-    parts: list | None = [None] * world_size() if is_main() else None
-    dist.gather_object(mine, parts, dst=0)
-    if not is_main():
-        return {}
+    parts: list | None = [None] * world_size() if is_main() or everyone else None
+    if everyone:
+        dist.all_gather_object(parts, results)
+    else:
+        dist.gather_object(results, parts, dst=0)
+        if not is_main():
+            return {}
     done = {key: value for part in parts for key, value in part.items()}
-    return {key: done[key] for key in jobs}
+    return {key: done[key] for key in keys}
 
 
 def mean(value: "torch.Tensor") -> "torch.Tensor":

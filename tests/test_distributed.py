@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import BIN, kill_launcher_mid_run, run_tool, smoke_raw, tool_env, write_params
 
+pytestmark = pytest.mark.e2e  # every test here starts real launchers
+
 STEPS, BATCH = 16, 8  # BATCH: global; 4 rows per rank
 # Float rounding only: after these 16 steps two processes differ from one by ~9e-6 at most, as
 # much as one process with 2 threads differs from one with 1 thread (~1e-5; other summation
@@ -133,12 +135,12 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_an_error(tmp_p
 
 
 def test_a_stage_that_runs_as_one_process_refuses_a_launcher(workspace):
-    """reward under a launcher would run N times over, each rank writing and logging: refused."""
+    """score under a launcher would run N times over, each rank writing and logging: refused."""
     env = tool_env(workspace) | {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
-    proc = subprocess.run([str(BIN / "restorl"), "reward"], cwd=workspace, env=env, capture_output=True,
+    proc = subprocess.run([str(BIN / "restorl"), "score"], cwd=workspace, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "reward runs as one process" in proc.stderr and "WORLD_SIZE is 2" in proc.stderr
+    assert "score runs as one process" in proc.stderr and "WORLD_SIZE is 2" in proc.stderr
 
 
 def test_restorl_processes_starts_one_process_per_slot_under_torchrun(two_processes, tmp_path_factory,
@@ -184,3 +186,49 @@ def test_evaluate_on_two_processes_writes_what_one_process_writes(tmp_path_facto
     mlflow.set_tracking_uri(f"sqlite:///{roots[1] / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["restorl"], output_format="list")
     assert sorted(r.data.tags["restorl.stage"] for r in runs) == ["evaluate", "score"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reward: the SFT restorations shared, the global batch's rows scored by their own process
+
+# Adam turns rounding in near-zero gradient components into whole steps, so the reward model's
+# weights are compared by relative norm after a few steps: after 4, two processes differ from one
+# by 4.6e-4 (one process on 2 threads against 1 thread: 1.0e-4); gradients left unaveraged give
+# 1.7e-2. Longer runs blur the two (after 12: 9.7e-3 against 4.1e-2).
+REWARD_STEPS, REWARD_TOLERANCE = 4, 2e-3
+
+
+def test_reward_on_two_processes_ends_with_the_weights_of_one_process_on_the_whole_batch(tmp_path_factory,
+                                                                                          prepared_smoke):
+    """Each restoration batch seeds its own generator and every process scores its rows of the
+    global batch: two processes of 4 rows end with the weights and checks of one process of 8
+    (float rounding apart); only rank 0 writes and logs."""
+    from tests.conftest import scored_stand_ins
+
+    roots = []
+    for name in ("reward-one", "reward-two"):
+        root = scored_stand_ins(tmp_path_factory.mktemp(name), prepared_smoke)
+        shutil.rmtree(root / "checkpoints/reward")
+        raw = smoke_raw()
+        raw["runtime"]["threads"] = 1
+        raw["reward"] |= {"steps": REWARD_STEPS, "batch_size": 8}
+        raw["evaluate"]["batch_size"] = 2  # several restoration batches for the processes to share
+        write_params(root, raw)
+        roots.append(root)
+    run_tool([str(BIN / "restorl"), "reward"], roots[0])
+    two = run_tool([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli", "reward"],
+                   roots[1]).stdout
+    assert two.count('"gt_above_lq"') == 1, "the main process alone prints the checks"
+    one_w, two_w = (load_file(root / "checkpoints/reward/model.safetensors") for root in roots)
+    diff, ref = (torch.cat([w[k].flatten() for k in one_w]) for w in ({k: one_w[k] - two_w[k] for k in one_w}, one_w))
+    assert float(diff.norm() / ref.norm()) < REWARD_TOLERANCE
+    one_c, two_c = (json.loads((root / "metrics/reward.json").read_text()) for root in roots)
+    assert two_c["mean"]["sft"] == pytest.approx(one_c["mean"]["sft"], abs=1e-3)
+    losses = []
+    for root in roots:
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        runs = mlflow.search_runs(experiment_names=["restorl"], output_format="list")
+        assert sorted(r.data.tags["restorl.stage"] for r in runs) == ["reward", "score"]
+        logged = next(r for r in runs if r.data.tags["restorl.stage"] == "reward").data.metrics
+        losses.append((logged["bt_loss"], logged["hack_loss"]))  # the last step's, of the global batch
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -75,8 +75,10 @@ def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_a
 
 def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
     test = load_split(prepared_smoke / "data/prepared", "test")
-    outputs = {"lq": test.lq_full, "sft": test.gt.clone(), "rl": test.gt.clone()}
-    evaluate.save_grid(tmp_path / "grid.png", outputs, test, 3)
+    rows = evaluate.grid_rows(test.tasks, 3)
+    assert len(set(test.tasks[i] for i in rows)) == 3, "one row per task in turn"
+    columns = {"lq": test.lq_full[rows], "sft": test.gt[rows].clone(), "rl": test.gt[rows].clone(), "gt": test.gt[rows]}
+    evaluate.save_grid(tmp_path / "grid.png", columns, [test.tasks[i] for i in rows])
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
     cell = 32 * 4
     label_w = grid.shape[1] - 4 * cell
@@ -84,10 +86,10 @@ def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
     assert (grid[:evaluate.GRID_MARGIN, label_w:] < 100).any(), "column names on top"
     assert (grid[evaluate.GRID_MARGIN:, :label_w] < 100).any(), "task names on the left"
     # The GT column is the GT itself, untouched by labels.
-    gt = ((test.gt[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    gt = ((test.gt[rows[0]].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     first_gt = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))[
         evaluate.GRID_MARGIN:evaluate.GRID_MARGIN + cell, label_w + 3 * cell:][::4, ::4]
-    assert np.array_equal(first_gt, gt)  # the first row is the first patch
+    assert np.array_equal(first_gt, gt)  # the first row is the first picked patch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,3 +168,46 @@ def test_the_headline_keeps_rl_against_sft_and_the_detail_the_rest(prepared_smok
     assert "per_task" not in headline and "vs_sft" not in headline
     assert set(detail) == {"per_task", "vs_sft"}
     assert evaluate.merge(headline, detail) == metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# the test split streamed batch by batch
+
+
+def test_streamed_evaluation_scores_the_restorations_every_stage_makes(tmp_path, prepared_smoke, monkeypatch):
+    """evaluate reads the test split batch by batch (DataLoader) and restores each batch with its
+    own generator: its figures are those of `restore_split` (what rl validates and promote
+    restores) on the whole split, the grid shows those images, and DataLoader workers change
+    nothing."""
+    from pipeline.data.dataset import load_split
+    from pipeline.models.loading import load_restorer
+    from pipeline.models.sampling import restore_split
+    from pipeline.paths import Paths
+    from tests.conftest import scored_stand_ins
+
+    from pipeline.stages import prepare
+
+    prepare.run(smoke_params(prepare={"patches_per_image": {"train": 12, "val": 4, "test": 10}}), tmp_path / "data")
+    root = scored_stand_ins(tmp_path / "ws", tmp_path / "data")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    # 10 test patches: batches of 4, 4 and 2; 9 grid rows: every task, then the first two again
+    params = smoke_params(evaluate={"batch_size": 4, "grid_images": 9})
+    streamed = evaluate.run(params, root)
+    test = load_split(Paths(root).data, "test")
+    whole = restore_split(load_restorer(Paths(root).sft_model), test, params)
+    expected = evaluate.score_outputs({"lq": test.lq_full, "sft": whole}, test, ["psnr"], [])
+    assert streamed["overall"]["sft"]["psnr"] == expected["overall"]["sft"]["psnr"]
+    assert streamed["overall"]["sft"]["realism"] == expected["overall"]["sft"]["realism"]
+    assert streamed["n_test"] == len(test) == 10
+    grid = np.asarray(Image.open(root / "plots/eval_grid.png").convert("RGB"))
+    picks, cell = evaluate.grid_rows(test.tasks, params.evaluate.grid_images), 32 * 4
+    assert picks != sorted(picks), "the grid shows the patches task by task, not in row order"
+    label_w = grid.shape[1] - 3 * cell  # LQ | SFT | GT
+    for r, row in enumerate(picks):
+        top = evaluate.GRID_MARGIN + r * cell + 12  # below the PSNR label
+        sft_cell = grid[top:top + cell - 12, label_w + cell:label_w + 2 * cell][::4, ::4]
+        shown = ((whole[row].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        assert np.array_equal(sft_cell, shown[3:]), f"grid row {r} shows patch {row}'s own restoration"
+    written = (root / "metrics/evaluate.json").read_bytes()
+    evaluate.run(smoke_params(evaluate={"batch_size": 4, "grid_images": 9}, runtime={"loader_workers": 2}), root)
+    assert (root / "metrics/evaluate.json").read_bytes() == written

@@ -422,6 +422,7 @@ def _rl_weights(root):
     return load_file(root / "checkpoints/rl/unet/diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.e2e
 def test_killed_rl_resumes_and_matches_uninterrupted_run(models_ready, tmp_path_factory, moto, creds):  # noqa: F811
     """Killed twice; the first time it resumes from the local state, the second time from the
     copy on S3 (storage.resume_uri, moto) after the local state is deleted, as on a new pod."""

@@ -1,5 +1,6 @@
 """A killed `restorl sft` resumes from its last checkpoint and ends where an uninterrupted run does."""
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -21,6 +22,7 @@ def _weights(root):
     return load_file(root / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.e2e
 def test_killed_sft_resumes_and_matches_uninterrupted_run(workspace, tmp_path_factory):
     import shutil
 

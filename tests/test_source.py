@@ -67,6 +67,7 @@ def _ran(output: str) -> list[str]:
     return [s for s in ("source", "prepare") if f"Running stage '{s}'" in output]
 
 
+@pytest.mark.e2e
 def test_dvc_reruns_prepare_only_when_the_s3_images_change(moto, creds, tmp_path):  # noqa: F811
     folder = _image_folder(tmp_path / "images")
     _bmp(folder / "moon.bmp", offset=0)

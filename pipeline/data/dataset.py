@@ -46,9 +46,18 @@ class PairedSplit(ManifestRows):
     def lq_full(self) -> torch.Tensor:
         """The LQ at the GT's size, for what compares it with the GT (metrics, loss weights,
         the reward's negatives): bicubic from a smaller LQ, the LQ itself otherwise."""
-        if self.lq_scale == 1:
-            return self.lq
-        return F.interpolate(self.lq, size=self.gt.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        return at_gt_size(self.lq, self.gt)
+
+    def __getitem__(self, row: int) -> dict:
+        """One pair as `PatchPairs` gives it, so a split in memory streams through the same DataLoader code."""
+        return {"gt": self.gt[row], "lq": self.lq[row], "row": row}
+
+
+def at_gt_size(lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(N, 3, h, w) LQ patches at their GT's size: bicubic from a smaller LQ, the LQ itself otherwise."""
+    if lq.shape[-2:] == gt.shape[-2:]:
+        return lq
+    return F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def read_manifest(data_dir: Path) -> dict:

@@ -32,6 +32,8 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_restorer(Path(context.artifacts["restorer"])).eval()
 
     def predict(self, context, model_input, params=None):
+        from pipeline.seeding import batch_generator
+
         opts = {**SAMPLING_DEFAULTS, **(params or {})}
         batch = np.asarray(model_input)
         if batch.ndim == 3:
@@ -40,7 +42,7 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected images of shape (N, H, W, 3), got {batch.shape}")
         scale = 255.0 if batch.dtype == np.uint8 else 1.0  # uint8 when called without MLflow
         cond = torch.from_numpy(batch.astype(np.float32) / scale).permute(0, 3, 1, 2) * 2 - 1
-        generator = torch.Generator().manual_seed(int(opts["seed"]))
+        generator = batch_generator(int(opts["seed"]), 0)  # the noise of evaluate's first batch
         task = opts["task"] or None
         if task is None and self.model.tasks and len(self.model.tasks) == 1:
             task = self.model.tasks[0]

@@ -73,13 +73,20 @@ def mmd(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor, rows: torch.Ten
 MIN_TASK_PATCHES = 4  # a task with fewer patches is left out (each half needs 2); none left: pooled
 
 
+def _statistics(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) as their `statistics`; (N, 28) statistics as they are (a split scored
+    batch by batch keeps only these)."""
+    return statistics(x) if x.dim() == 4 else x
+
+
 class Realism:
-    """Distances of image sets from one GT set (`gt`, with the `tasks` of its patches)."""
+    """Distances of image sets from one GT set (`gt`, with the `tasks` of its patches). Every
+    image set, `gt` included, may be given as images or as their `statistics`."""
 
     SCALE = 100.0
 
     def __init__(self, gt: torch.Tensor, tasks: list[str]):
-        features = statistics(gt)
+        features = _statistics(gt)
         self.mean, self.std = features.mean(0), features.std(0) + 1e-6
         self.gt = self.features(gt)
         squared = torch.cdist(self.gt, self.gt) ** 2
@@ -89,7 +96,7 @@ class Realism:
         self.groups = kept or [torch.arange(len(tasks))]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return (statistics(images) - self.mean) / self.std
+        return (_statistics(images) - self.mean) / self.std
 
     def distance(self, images: torch.Tensor) -> float:
         """Mean over the task groups of MMD^2 x 100 between `images` (one per GT patch, in

@@ -14,7 +14,9 @@ Output: `metrics/evaluate.json` (DVC metrics: every row overall, RL against SFT)
 `metrics/evaluate_detail.json` (per task, every row against SFT), `plots/eval_grid.png`
 (LQ | SFT | RL | GT, labelled), the perception-distortion picture `plots/frontier.csv` and
 `.png` (SFT and RL across sampler settings, the controls as points), and the same in an MLflow
-run. Under a launcher the restorations are shared among the processes (docs/distributed.md).
+run. The split is streamed: a DataLoader reads it batch by batch, and each batch is restored and
+scored before the next, so memory holds per-patch figures, not the split's images. Under a
+launcher the batches are shared among the processes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,72 +24,72 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from pipeline import distributed, tracking
 from pipeline.atomic import atomic_file
-from pipeline.config import Params, flatten
+from pipeline.config import Params, SamplingConfig, flatten
 from pipeline.data.benchmarks import load_benchmark
-from pipeline.data.dataset import PairedSplit, load_split
+from pipeline.data.dataset import PairedSplit, PatchPairs, at_gt_size
 from pipeline.data.sources import DataError
 from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
 from pipeline.models.restorer import Restorer
-from pipeline.models.sampling import restore, restore_split
+from pipeline.models.sampling import restore_batch
 from pipeline.paths import Paths
 from pipeline.redaction import redact
 from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
-from pipeline.rewards.realism import Realism
+from pipeline.rewards.realism import Realism, statistics
 from pipeline.rewards.scorers import build_reward
+from pipeline.seeding import batch_generator
 from pipeline.storage import pyiqa_cache_dir
 
 SECTIONS = ["evaluate"]
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    """Under a launcher (WORLD_SIZE > 1) the restorations of the test split are shared among the
-    processes (`restorations`); the main process scores them and writes everything."""
+    """Under a launcher (WORLD_SIZE > 1) the batches of the test split (and of each benchmark)
+    are shared among the processes (`score_split`); the main process summarises and writes."""
     with distributed.session(setup_runtime(params.runtime)) as device:
         return _evaluate(params, Paths(root), device)
 
 
 def _evaluate(params: Params, paths: Paths, device: torch.device) -> dict:
-    cfg, root = params.evaluate, paths.root
-    test = load_split(paths.data, "test")
+    cfg, root, seed = params.evaluate, paths.root, params.runtime.seed
+    test = PatchPairs(paths.data, "test")  # read batch by batch
     checkpoints = {"sft": paths.sft_model} | ({"rl": paths.rl_model} if paths.rl_model.exists() else {})
     models = {row: load_restorer(path, params.storage, paths.pretrained).to(device) for row, path in checkpoints.items()}
-    restored = distributed.spread(restorations(models, test, params))
+    scorers = {}
+    if paths.reward_model.exists():
+        learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
+        scorers["reward"] = lambda images: learned(images.to(device)).cpu()
+    judges = Judges(cfg.fr_metrics, cfg.nr_metrics, scorers, pyiqa_cache_dir(params.storage))
+    shown = grid_rows(test.tasks, cfg.grid_images)
+    scored = score_split(test, models, [cfg.sampling, *cfg.frontier], judges, params, controls=True, keep=shown)
+    benchmarks = {name: score_benchmark(name, models, params, judges) for name in cfg.benchmarks}
     if not distributed.is_main():
         return {}
     with tracking.stage_run("evaluate", params, SECTIONS, root):
-        outputs = {"lq": test.lq_full} | {row: restored[row, 0] for row in models}
-        shown = dict(outputs)  # the grid: LQ | SFT | RL | GT
-        generator = torch.Generator().manual_seed(params.runtime.seed)
-        outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
-        scorers = {}
-        if paths.reward_model.exists():
-            learned = build_reward({"learned": 1.0}, device, learned_path=paths.reward_model)
-            scorers["reward"] = lambda images: learned(images.to(device))
-        weights_dir = pyiqa_cache_dir(params.storage)
-        metrics = score_outputs(outputs, test, cfg.fr_metrics, cfg.nr_metrics, scorers,
-                                weights_dir=weights_dir, seed=params.runtime.seed)
+        metrics = summarise(scored, test.tasks, judges, seed)
         metrics["sampling"] = cfg.sampling.model_dump()
-        if cfg.benchmarks:
-            metrics["benchmarks"] = {name: score_benchmark(name, models, params, scorers, weights_dir)
-                                     for name in cfg.benchmarks}
+        if benchmarks:
+            metrics["benchmarks"] = benchmarks
         headline, detail = split_headline(metrics)
         for name, content in (("evaluate.json", headline), ("evaluate_detail.json", detail)):
             with atomic_file(paths.metrics / name) as tmp:
                 tmp.write_text(json.dumps(content, indent=2))
-        save_grid(paths.plots / "eval_grid.png", shown, test, cfg.grid_images)
-        points = frontier(outputs, restored, test, params, scorers)
-        save_frontier(paths.plots / "frontier.csv", points)
+        order = sorted(shown)  # the kept images come in row order; the grid shows them task by task
+        columns = {row: images[[order.index(i) for i in shown]] for row, images in scored.shown.items()}
+        save_grid(paths.plots / "eval_grid.png", columns, [test.tasks[i] for i in shown])
+        save_frontier(paths.plots / "frontier.csv", frontier(scored, test.tasks, [cfg.sampling, *cfg.frontier]))
         mlflow.log_artifact(str(paths.plots / "frontier.csv"))
         mlflow.log_artifact(str(paths.plots / "frontier.png"))
         mlflow.log_metrics({k: v for k, v in flatten(metrics["overall"]).items()})
@@ -102,37 +104,126 @@ def _evaluate(params: Params, paths: Paths, device: torch.device) -> dict:
     return metrics
 
 
-def restorations(models: dict[str, Restorer], test: PairedSplit, params: Params) -> dict[tuple[str, int], Callable]:
-    """Every restoration of the test split `evaluate` scores, keyed (model, setting): setting 0
-    is `evaluate.sampling`, 1.. the `evaluate.frontier` settings. Each seeds its own generator
-    with `runtime.seed`, so they can run in any order, on any process."""
-    cfg = params.evaluate
+@dataclass
+class Judges:
+    """What scores each image: pyiqa full-reference metrics (`fr`, against GT) and no-reference
+    ones (`nr`), and further no-reference `scorers` by name (higher is better: the learned
+    reward); `weights_dir`: where pyiqa's weight files lie (None: pyiqa's cache)."""
 
-    def job(model: Restorer, setting) -> Callable[[], torch.Tensor]:
-        return lambda: restore(model, test, setting, cfg.batch_size, torch.Generator().manual_seed(params.runtime.seed),
-                               progress=True)
+    fr: list[str]
+    nr: list[str]
+    scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    weights_dir: Path | None = None
 
-    return {(name, i): job(model, setting) for i, setting in enumerate([cfg.sampling, *cfg.frontier])
-            for name, model in models.items()}
-
-
-def frontier(outputs: dict[str, torch.Tensor], restored: dict[tuple[str, int], torch.Tensor], test: PairedSplit,
-             params: Params, scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
-    """The perception-distortion picture: for SFT and RL at `evaluate.sampling` and at each
-    `evaluate.frontier` setting (`restored`), and for the hack controls at `evaluate.sampling`
-    (`outputs`), the test split's mean PSNR, its realism and its mean learned reward (when there
-    is one). RL helps where its points lie beyond SFT's curve, not where they slide along it."""
-    cfg, realism = params.evaluate, Realism(test.gt, test.tasks)
-
-    def point(series: str, setting, images: torch.Tensor) -> dict:
-        figures = {"psnr": float(iqa.psnr(images, test.gt).mean()), "realism": realism.distance(images)}
+    def no_reference(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = {m: iqa.score(m, images, weights_dir=self.weights_dir) for m in self.nr}
         with torch.no_grad():
-            figures |= {name: float(fn(images).mean()) for name, fn in scorers.items()}
-        return {"series": series, "steps": setting.steps, "eta": setting.eta, "samples": setting.samples} | {
-            k: round(v, 4) for k, v in figures.items()}
+            return scores | {name: fn(images).cpu() for name, fn in self.scorers.items()}
 
-    points = [point(row, cfg.sampling, outputs[row]) for row in outputs if row != "lq"]
-    return points + [point(name, cfg.frontier[i - 1], images) for (name, i), images in restored.items() if i > 0]
+    def score(self, images: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image scores of `images`: each full-reference metric against `gt`, then the rest."""
+        full_reference = {m: iqa.score(m, images, gt, weights_dir=self.weights_dir) for m in self.fr}
+        return full_reference | self.no_reference(images)
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {m: not iqa.lower_is_better(m) for m in self.fr + self.nr} | {m: True for m in self.scorers}
+
+
+@dataclass
+class Scored:
+    """Per-patch figures of a split, in row order: `per_image[row][metric]` (N,) for each output
+    row and GT (no-reference only), realism `statistics[row]` (N, 28), the perception-distortion
+    figures `points[(series, setting)]` (PSNR, scorers, statistics), and the images of the kept
+    rows (`shown[row]`: LQ, each model, GT)."""
+
+    per_image: dict[str, dict[str, torch.Tensor]]
+    statistics: dict[str, torch.Tensor]
+    points: dict[tuple[str, int], dict[str, torch.Tensor]]
+    shown: dict[str, torch.Tensor]
+
+
+CONTROLS_STREAM = 2  # the hack controls' noise (dither): a seed stream of its own, per batch
+
+
+def score_split(data: torch.utils.data.Dataset, models: dict[str, Restorer], settings: list[SamplingConfig],
+                judges: Judges, params: Params, controls: bool = False, keep: list[int] = ()) -> Scored | None:
+    """Restore and score a split batch by batch (`evaluate.batch_size`), read by a DataLoader:
+    memory holds one batch of images, not the split. For each batch: LQ (at GT size), each
+    model's restoration at `settings[0]` (and, with `controls`, the hack controls on SFT's) are
+    scored by the `judges`, GT by the no-reference ones; each model at the other settings gives
+    perception-distortion figures. Batch b's noise comes from `batch_generator(runtime.seed, b)`
+    (the same for every model: paired), so under a launcher the batches are shared among the
+    processes (the i-th on rank i mod N) and the main process gets what one process computes;
+    the others get None."""
+    size = params.evaluate.batch_size
+    batches = [list(range(start, min(start + size, len(data)))) for start in range(0, len(data), size)]
+    mine = distributed.mine(list(range(len(batches))))
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[batches[b] for b in mine],
+                                         num_workers=params.runtime.loader_workers)
+    bar = tqdm(zip(mine, loader), total=len(mine), desc="evaluate", unit="batch", disable=not distributed.is_main())
+    parts = {b: _score_batch(b, batch, data.tasks, models, settings, judges, params.runtime.seed, controls, set(keep))
+             for b, batch in bar}
+    parts = distributed.gather(parts, list(range(len(batches))))
+    if not distributed.is_main():
+        return None
+    merged = _concat(list(parts.values()))
+    return Scored(merged["per_image"], merged["statistics"], merged["points"], merged.get("shown", {}))
+
+
+def _score_batch(b: int, batch: dict, tasks: list[str], models: dict[str, Restorer], settings: list[SamplingConfig],
+                 judges: Judges, seed: int, controls: bool, keep: set[int]) -> dict:
+    gt, lq, rows = batch["gt"], batch["lq"], batch["row"].tolist()
+    batch_tasks = [tasks[i] for i in rows]
+    outputs, points = {"lq": at_gt_size(lq, gt)}, {}
+    for i, setting in enumerate(settings):
+        for name, model in models.items():
+            images = restore_batch(model, lq, batch_tasks, setting, batch_generator(seed, b))
+            if i == 0:
+                outputs[name] = images
+            else:
+                points[name, i] = _point(images, gt, judges)
+    if controls and "sft" in outputs:
+        generator = batch_generator((seed, CONTROLS_STREAM), b)
+        outputs |= {f"sft_{name}": hack(outputs["sft"], generator) for name, hack in HACKS.items()}
+    points = {(row, 0): _point(images, gt, judges) for row, images in outputs.items() if row != "lq"} | points
+    kept = [j for j, row in enumerate(rows) if row in keep]
+    part = {"per_image": {row: judges.score(images, gt) for row, images in outputs.items()} | {
+                "gt": judges.no_reference(gt)},
+            "statistics": {row: statistics(images) for row, images in outputs.items()} | {"gt": statistics(gt)},
+            "points": points}
+    if keep:
+        part["shown"] = {row: outputs[row][kept] for row in ("lq", *models)} | {"gt": gt[kept]}
+    return part
+
+
+def _point(images: torch.Tensor, gt: torch.Tensor, judges: Judges) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        scores = {name: fn(images).cpu() for name, fn in judges.scorers.items()}
+    return {"psnr": iqa.psnr(images, gt), **scores, "statistics": statistics(images)}
+
+
+def _concat(parts: list[dict]) -> dict:
+    """The batches' nested dicts of per-patch tensors joined into one, in batch order."""
+    first = parts[0]
+    return {key: _concat([p[key] for p in parts]) if isinstance(first[key], dict) else torch.cat([p[key] for p in parts])
+            for key in first}
+
+
+def frontier(scored: Scored, tasks: list[str], settings: list[SamplingConfig]) -> list[dict]:
+    """The perception-distortion picture: for SFT and RL at `evaluate.sampling` and at each
+    `evaluate.frontier` setting, and for the hack controls at `evaluate.sampling`, the test
+    split's mean PSNR, its realism and its mean learned reward (when there is one). RL helps
+    where its points lie beyond SFT's curve, not where they slide along it."""
+    realism = Realism(scored.statistics["gt"], tasks)
+
+    def point(series: str, setting: SamplingConfig, figures: dict[str, torch.Tensor]) -> dict:
+        means = {"psnr": float(figures["psnr"].mean()), "realism": realism.distance(figures["statistics"])}
+        means |= {k: float(v.mean()) for k, v in figures.items() if k not in ("psnr", "statistics")}
+        return {"series": series, "steps": setting.steps, "eta": setting.eta, "samples": setting.samples} | {
+            k: round(v, 4) for k, v in means.items()}
+
+    return [point(series, settings[i], figures) for (series, i), figures in scored.points.items()]
 
 
 def save_frontier(path: Path, points: list[dict]) -> None:
@@ -167,9 +258,9 @@ def save_frontier(path: Path, points: list[dict]) -> None:
     plt.close(fig)
 
 
-def score_benchmark(name: str, models: dict[str, Restorer], params: Params,
-                    scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]], weights_dir: Path | None) -> dict:
-    """LQ, each model and GT on one benchmark folder (`evaluate.benchmarks`), as for the test split."""
+def score_benchmark(name: str, models: dict[str, Restorer], params: Params, judges: Judges) -> dict | None:
+    """LQ, each model and GT on one benchmark folder (`evaluate.benchmarks`), as for the test
+    split (its patches are cut in memory; scored batch by batch); None on the other processes."""
     from pipeline.storage import endpoint_url
 
     bench = params.evaluate.benchmarks[name]
@@ -180,59 +271,53 @@ def score_benchmark(name: str, models: dict[str, Restorer], params: Params,
             raise DataError(f"evaluate.benchmarks.{name}: task(s) {unknown} unknown to the restorer, which knows "
                             f"{model.tasks}" + ("; set evaluate.benchmarks." + name + ".task to the degradation "
                                                 "its pairs show" if unknown == ["pairs"] else ""))
-    outputs = {"lq": data.lq_full} | {row: restore_split(m, data, params, progress=True) for row, m in models.items()}
-    block = score_outputs(outputs, data, params.evaluate.fr_metrics, params.evaluate.nr_metrics, scorers,
-                          weights_dir=weights_dir, seed=params.runtime.seed)
-    return block | {"path": redact(bench.path)}
+    scored = score_split(data, models, [params.evaluate.sampling], judges, params)
+    if scored is None:
+        return None
+    return summarise(scored, data.tasks, judges, params.runtime.seed) | {"path": redact(bench.path)}
 
 
 def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metrics: list[str],
                   nr_metrics: list[str], scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                   weights_dir: Path | None = None, seed: int = 0) -> dict:
-    """Mean of each metric per output row, overall and per task; GT gets the NR metrics; and
-    each row other than LQ, SFT and GT against SFT (`paired_interval`, resampled with `seed`).
+    """`summarise` of output rows already in memory (each (N, 3, H, W), one per patch of `data`),
+    scored by `Judges(fr_metrics, nr_metrics, scorers, weights_dir)`."""
+    judges = Judges(fr_metrics, nr_metrics, scorers or {}, weights_dir)
+    per_image = {row: judges.score(images, data.gt) for row, images in outputs.items()} | {
+        "gt": judges.no_reference(data.gt)}
+    stats = {row: statistics(images) for row, images in outputs.items()} | {"gt": statistics(data.gt)}
+    return summarise(Scored(per_image, stats, {}, {}), data.tasks, judges, seed)
 
-    `scorers`: further no-reference scores by name (higher is better), e.g. the learned reward;
-    `weights_dir`: where pyiqa's weight files lie (None: pyiqa's cache).
-    """
-    scorers = scorers or {}
 
-    def no_reference(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = {m: iqa.score(m, images, weights_dir=weights_dir) for m in nr_metrics}
-        with torch.no_grad():
-            return scores | {name: fn(images).cpu() for name, fn in scorers.items()}
-
-    per_image: dict[str, dict[str, torch.Tensor]] = {}
-    for row, images in outputs.items():
-        full_reference = {m: iqa.score(m, images, data.gt, weights_dir=weights_dir) for m in fr_metrics}
-        per_image[row] = full_reference | no_reference(images)
-    per_image["gt"] = no_reference(data.gt)
-    directions = {m: not iqa.lower_is_better(m) for m in fr_metrics + nr_metrics} | {m: True for m in scorers}
+def summarise(scored: Scored, tasks: list[str], judges: Judges, seed: int = 0) -> dict:
+    """Mean of each metric per output row, overall and per task; GT gets the NR metrics; each row
+    other than LQ, SFT and GT against SFT (`paired_interval`, resampled with `seed`); and each
+    row's distribution-level realism (pipeline/rewards/realism.py: a figure per row, not per patch)."""
+    per_image = scored.per_image
 
     def means(mask: torch.Tensor) -> dict:
         return {row: {m: round(float(v[mask].mean()), 4) for m, v in scores.items()}
                 for row, scores in per_image.items()}
 
-    tasks = np.array(data.tasks)
+    task_of = np.array(tasks)
     generator = torch.Generator().manual_seed(seed)
     compared = [row for row in per_image if "sft" in per_image and row not in ("lq", "sft", "gt")]
     metrics = {
-        "n_test": len(data),
-        "higher_is_better": directions | {REALISM: False},
-        "overall": means(torch.ones(len(data), dtype=torch.bool)),
+        "n_test": len(tasks),
+        "higher_is_better": judges.higher_is_better | {REALISM: False},
+        "overall": means(torch.ones(len(tasks), dtype=torch.bool)),
         # Each row against SFT on the same patches: a row improves a metric only when the
         # interval clears zero on its better side.
         "vs_sft": {row: {m: paired_interval(scores[m], per_image["sft"][m], generator)
                          for m in scores} for row, scores in per_image.items() if row in compared},
-        "per_task": {t: {"n": int((tasks == t).sum()), **means(torch.from_numpy(tasks == t))}
+        "per_task": {t: {"n": int((task_of == t).sum()), **means(torch.from_numpy(task_of == t))}
                      for t in sorted(set(tasks))},
     }
-    # Distribution-level realism (pipeline/rewards/realism.py): a figure per row, not per patch.
-    realism, halves = Realism(data.gt, data.tasks), torch.Generator().manual_seed(seed)
-    for row, images in outputs.items():
-        metrics["overall"][row][REALISM] = round(realism.distance(images), 4)
+    realism, halves = Realism(scored.statistics["gt"], tasks), torch.Generator().manual_seed(seed)
+    for row in (r for r in scored.statistics if r != "gt"):
+        metrics["overall"][row][REALISM] = round(realism.distance(scored.statistics[row]), 4)
     for row in compared:
-        metrics["vs_sft"][row][REALISM] = realism.interval(outputs[row], outputs["sft"], halves)
+        metrics["vs_sft"][row][REALISM] = realism.interval(scored.statistics[row], scored.statistics["sft"], halves)
     return metrics
 
 
@@ -289,36 +374,41 @@ def verdict(interval: dict[str, float], higher_is_better: bool) -> str:
 GRID_MARGIN = 14  # px of the label strips: column names on top, task names on the left
 
 
-def save_grid(path: Path, outputs: dict[str, torch.Tensor], data: PairedSplit, n: int, zoom: int = 4) -> None:
-    """Rows of LQ | each output | GT, one sample per task in turn, enlarged for viewing; the
-    columns are named on top, each row's task on the left, and each output's PSNR against GT
-    (dB) sits in its top-left corner."""
-    from PIL import ImageDraw
-
+def grid_rows(tasks: list[str], n: int) -> list[int]:
+    """The rows the image grid shows: up to `n`, one per task in turn."""
     by_task: dict[str, list[int]] = {}
-    for i, t in enumerate(data.tasks):
+    for i, t in enumerate(tasks):
         by_task.setdefault(t, []).append(i)
     picks, depth = [], 0
-    while len(picks) < min(n, len(data)):
+    while len(picks) < min(n, len(tasks)):
         picks += [ids[depth] for ids in by_task.values() if depth < len(ids)][: n - len(picks)]
         depth += 1
-    columns = list(outputs.values()) + [data.gt]
-    names = [name.upper() for name in outputs] + ["GT (PSNR dB in the corners)"]
-    rows = [torch.cat([col[i] for col in columns], dim=2) for i in picks]
+    return picks
+
+
+def save_grid(path: Path, columns: dict[str, torch.Tensor], tasks: list[str], zoom: int = 4) -> None:
+    """Rows of LQ | each output | GT (`columns`, the last one GT; each (n, 3, H, W), row i of
+    task `tasks[i]`), enlarged for viewing; the columns are named on top, each row's task on the
+    left, and each output's PSNR against GT (dB) sits in its top-left corner."""
+    from PIL import ImageDraw
+
+    *outputs, gt = columns.values()
+    names = [name.upper() for name in list(columns)[:-1]] + ["GT (PSNR dB in the corners)"]
+    rows = [torch.cat([col[i] for col in columns.values()], dim=2) for i in range(len(tasks))]
     grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     grid = np.kron(grid, np.ones((zoom, zoom, 1), np.uint8))
-    cell_h, cell_w = data.gt.shape[2] * zoom, data.gt.shape[3] * zoom
-    label_w = 6 * max(len(data.tasks[i]) for i in picks) + 8
+    cell_h, cell_w = gt.shape[2] * zoom, gt.shape[3] * zoom
+    label_w = 6 * max(len(t) for t in tasks) + 8
     canvas = Image.new("RGB", (label_w + grid.shape[1], GRID_MARGIN + grid.shape[0]), "white")
     canvas.paste(Image.fromarray(grid), (label_w, GRID_MARGIN))
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(names):
         draw.text((label_w + c * cell_w + 3, 2), name, fill="black")
-    for r, i in enumerate(picks):
+    for r, task in enumerate(tasks):
         top = GRID_MARGIN + r * cell_h
-        draw.text((3, top + cell_h // 2 - 5), data.tasks[i], fill="black")
-        for c, col in enumerate(columns[:-1]):
-            db = float(iqa.psnr(col[i:i + 1].float().cpu(), data.gt[i:i + 1].float().cpu()))
+        draw.text((3, top + cell_h // 2 - 5), task, fill="black")
+        for c, col in enumerate(outputs):
+            db = float(iqa.psnr(col[r:r + 1].float().cpu(), gt[r:r + 1].float().cpu()))
             left = label_w + c * cell_w
             draw.rectangle((left, top, left + 40, top + 11), fill="black")
             draw.text((left + 2, top), f"{db:.1f}", fill="white")

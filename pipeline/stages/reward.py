@@ -20,6 +20,7 @@ behind this design.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import distributed, tracking
 from pipeline.atomic import atomic_dir, atomic_file
 from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, flatten
@@ -49,42 +50,56 @@ SECTIONS = ["reward"]
 
 
 def run(params: Params, root: Path = Path(".")) -> dict:
-    cfg, paths = params.reward, Paths(root)
-    device = setup_runtime(params.runtime)
+    """Train; under a launcher (WORLD_SIZE > 1) every process runs this: the SFT restorations
+    are shared among the processes, `reward.batch_size` is the global batch and each process
+    scores its rows of it (docs/distributed.md); the main process checks, writes and logs."""
+    per_rank = distributed.per_rank_batch(params.reward.batch_size, "reward.batch_size")
+    with distributed.session(setup_runtime(params.runtime)) as device:
+        return _train(params, Paths(root), device, per_rank)
+
+
+def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) -> dict:
+    cfg, main, mine = params.reward, distributed.is_main(), distributed.rows(per_rank)
     sft = load_restorer(paths.sft_model, params.storage, paths.pretrained).to(device).eval()
     train, val = load_split(paths.data, "train"), load_split(paths.data, "val")
-    generator = torch.Generator().manual_seed(params.runtime.seed)
+    generator = torch.Generator().manual_seed(params.runtime.seed)  # the same draws on every rank
     subset = torch.randperm(len(train), generator=generator)[: cfg.sft_samples]
     train = PairedSplit(train.gt[subset], train.lq[subset], [train.samples[i] for i in subset.tolist()])
-    # The SFT outputs as `evaluate` scores them, the noise from this stage's generator.
-    sampling, batch = params.evaluate.sampling, params.evaluate.batch_size
-    train_sft = restore(sft, train, sampling, batch, generator)
-    val_sft = restore(sft, val, sampling, batch, generator)
-    rng = np.random.default_rng(params.runtime.seed)
+    # The SFT outputs as `evaluate` scores them (val: exactly those RL validates against); the
+    # training patches' noise from a stream of their own. Batches shared among the processes.
+    sampling, batch, seed = params.evaluate.sampling, params.evaluate.batch_size, params.runtime.seed
+    train_sft = restore(sft, train, sampling, batch, (seed, TRAIN_RESTORATIONS), progress=True, shared=True)
+    val_sft = restore(sft, val, sampling, batch, seed, progress=True, shared=True)
+    rng = np.random.default_rng(seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]
     train_lq = train.lq_full  # the LQ negatives at the GT's size
 
     model = RewardModel(cfg.kernels, cfg.hidden, cfg.blocks).to(device).train()
+    distributed.broadcast_(list(model.parameters()))  # every rank starts from the main process's weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     # Linear warm-up over the first 10% of steps, then cosine decay to 0 (as the sft stage).
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, cfg.steps // 10),
                              num_training_steps=cfg.steps)
-    with tracking.stage_run("reward", params, SECTIONS, root):
-        for step in tqdm(range(cfg.steps), desc="reward", unit="step"):
+    with tracking.stage_run("reward", params, SECTIONS, paths.root) if main else contextlib.nullcontext():
+        for step in tqdm(range(cfg.steps), desc="reward", unit="step", disable=not main):
             idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator)
             images, quality, hacks = training_batch(train.gt[idx], train_lq[idx], train_sft[idx],
                                                     [f[idx] for f in fresh], generator)
-            scores = model.score_view(images.to(device))  # the batch is already a random view
-            quality_loss = -F.logsigmoid(scores[quality[:, 0]] - scores[quality[:, 1]]).mean()
-            hack_loss = -F.logsigmoid(scores[hacks[:, 0]] - scores[hacks[:, 1]]).mean()
+            quality_loss, hack_loss = pair_losses(model, images.to(device), (quality, hacks), cfg.batch_size, mine)
             loss = quality_loss + cfg.hack_weight * hack_loss
-            ensure_finite(loss, "reward", f"step {step + 1}", paths.resume / "reward")
+            global_loss = distributed.mean(loss.detach())  # the loss of the global batch
+            ensure_finite(global_loss, "reward", f"step {step + 1}", paths.resume / "reward")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(list(model.parameters()))
             optimizer.step()
             schedule.step()
-            if (step + 1) % 20 == 0:
-                mlflow.log_metrics({"bt_loss": quality_loss.item(), "hack_loss": hack_loss.item()}, step=step + 1)
+            if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
+                logged = distributed.mean(torch.stack([quality_loss, hack_loss]).detach())
+                if main:
+                    mlflow.log_metrics({"bt_loss": logged[0].item(), "hack_loss": logged[1].item()}, step=step + 1)
+        if not main:
+            return {}
         model.eval()
         checks = reward_checks(model, val, val_sft, generator)
         mlflow.log_metrics({k: float(v) for k, v in flatten(checks).items() if not isinstance(v, bool)})
@@ -95,6 +110,28 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         mlflow.log_artifact(str(paths.metrics / "reward.json"))
     print(json.dumps(checks, indent=2))
     return checks
+
+
+TRAIN_RESTORATIONS = 1  # the noise stream of the training patches' SFT restorations
+
+
+def pair_losses(model: RewardModel, images: torch.Tensor, pairs: tuple[torch.Tensor, ...], batch_size: int,
+                mine: slice) -> list[torch.Tensor]:
+    """This process's share of each ranking loss, the mean of -log sigmoid(s_better - s_worse)
+    over the `pairs` of the global batch (images stacked kind by kind, `batch_size` rows each).
+    The process scores only the images of its `mine` rows (every kind; a pair never spans two
+    rows) and returns world size x (its pairs' summed losses) / (all pairs): the mean over the
+    processes is the one-process loss, and the averaged gradients are its gradient."""
+    rows = torch.arange(len(images)) % batch_size
+    kept = (rows >= mine.start) & (rows < mine.stop)
+    scores = torch.zeros(len(images), device=images.device)
+    scores = scores.index_put((kept.nonzero()[:, 0].to(images.device),), model.score_view(images[kept.to(images.device)]))
+    world = distributed.world_size()
+    losses = []
+    for pair in pairs:
+        own = pair[kept[pair[:, 0]]]
+        losses.append(-F.logsigmoid(scores[own[:, 0]] - scores[own[:, 1]]).sum() * world / len(pair))
+    return losses
 
 
 def fresh_degradations(gt: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
