@@ -33,7 +33,7 @@ def child(workspace: str, params_file: str) -> None:
     from pipeline.data.dataset import PatchPairs
     from pipeline.models.loading import load_restorer
     from pipeline.paths import Paths
-    from pipeline.stages.evaluate import Judges, score_split
+    from pipeline.scoring import Judges, score_split
 
     params = load_params(Path(params_file), None)
     torch.set_num_threads(params.runtime.threads)

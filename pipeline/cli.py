@@ -133,6 +133,14 @@ def reward(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> Non
 
 
 @app.command()
+def judge(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Train the held-out judge on images prepare never uses (checkpoints/judge, metrics/judge.json)."""
+    from pipeline.stages import judge as stage
+
+    _run_stage(stage.run, params, profile)
+
+
+@app.command()
 def score(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Score training samples' difficulty under the SFT model (data/difficulty.csv, plots/)."""
     from pipeline.stages import score as stage

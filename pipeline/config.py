@@ -306,6 +306,32 @@ class RewardConfig(Section):
     hack_weight: float = Field(1.0, ge=0)
 
 
+class JudgeConfig(RewardConfig):
+    """The held-out judge: a second reward model of the same kind, trained by the `judge` stage
+    as the reward is, on patches of its own `source` images, which `prepare` must not use: a
+    no-reference score `evaluate` reports that neither the reward nor RL ever saw the images of.
+    The inherited keys mean what they mean for the reward (`sft_samples`: judge patches restored
+    by SFT and trained on)."""
+
+    # Bundled skimage images outside prepare's default list: retina (a 1411 px colour fundus
+    # photograph, the one natural colour image left) and page and text (grey scans of print:
+    # edges and flat paper, content the training images lack). Synthetic ones (colorwheel,
+    # logo, horse) and lfw_subset (the faces profile's source) are left out.
+    source: SourceConfig = SourceConfig(images=["retina", "page", "text"])
+    patches_per_image: int = Field(400, ge=1)
+    seed: int = 1  # its own draws (patches, degradations, batches, weights): not runtime.seed's
+    # Share of the judge's patches held out (a seeded draw) for its checks (metrics/judge.json).
+    # Patches of one image may overlap, so these checks are an optimistic, sanity-level measure.
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @field_validator("source")
+    @classmethod
+    def _hq_images(cls, v: SourceConfig) -> SourceConfig:
+        if v.kind not in ("skimage", "folder"):
+            raise ValueError(f"kind '{v.kind}': the judge is trained on HQ images, skimage or a folder")
+        return v
+
+
 # ---------------------------------------------------------------------------------------------
 # score / rl
 
@@ -491,6 +517,9 @@ class RlConfig(Section):
     def _some_reward(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("needs at least one scorer, e.g. {learned: 1.0}")
+        if "judge" in v:
+            raise ValueError("'judge' is the held-out judge (checkpoints/judge), which only evaluates: a model "
+                             "trained on it could not be judged by it; use learned or pyiqa names")
         return v
 
     @model_validator(mode="after")
@@ -568,11 +597,26 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     sft: SftConfig = SftConfig()
     reward: RewardConfig = RewardConfig()
+    judge: JudgeConfig = JudgeConfig()
     score: ScoreConfig = ScoreConfig()
     rl: RlConfig = RlConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _judge_holds_its_images_out(self) -> Params:
+        """The judge's source images are none of prepare's (by skimage name, or the same folder)."""
+        judge, prepare = self.judge.source, self.prepare.source
+        if judge.kind == prepare.kind == "skimage":
+            shared = [name for name in judge.images if name in prepare.images]
+            if shared:
+                raise ValueError(f"judge.source.images: '{shared[0]}' is also in prepare.source.images; the judge "
+                                 "must be trained on images the reward and RL never see")
+        if judge.kind == prepare.kind == "folder" and judge.path == prepare.path:
+            raise ValueError(f"judge.source.path: {judge.path} is prepare.source.path; the judge must be trained on "
+                             "images the reward and RL never see")
+        return self
 
     @model_validator(mode="after")
     def _crop_fits_the_patches(self) -> Params:
@@ -657,7 +701,7 @@ def validate(raw: dict[str, Any], source: str) -> Params:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{key}: {msg}")
+            problems.append(f"{key}: {msg}" if e["loc"] else msg)  # a whole-file check names its keys itself
         raise ConfigError(f"{source}: invalid params: " + "; ".join(problems)) from None
 
 

@@ -32,6 +32,11 @@ class Paths:
         return self.root / "checkpoints" / "reward"
 
     @property
+    def judge_model(self) -> Path:
+        # The held-out judge (the judge stage): scores in `evaluate` only, never a reward.
+        return self.root / "checkpoints" / "judge"
+
+    @property
     def rl_model(self) -> Path:
         return self.root / "checkpoints" / "rl"
 

@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import PROFILES_DIR, deep_merge, read_yaml, validate
 from pipeline.data.dataset import PairedSplit
 from pipeline.experiments import ablation
-from pipeline.stages.evaluate import score_outputs
+from pipeline.scoring import score_outputs
 from pipeline.stages.rl import write_curves
 from tests.conftest import BIN, REPO, run_tool, smoke_raw, write_params
 

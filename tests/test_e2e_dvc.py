@@ -22,7 +22,7 @@ def _new_workspace(root):
     run_tool([str(BIN / "dvc"), "init", "-q"], root)
 
 
-STAGES = ("prepare", "sft", "reward", "score", "rl", "evaluate", "promote")
+STAGES = ("prepare", "sft", "reward", "judge", "score", "rl", "evaluate", "promote")
 
 
 def _ran_stages(output: str) -> list[str]:
@@ -39,15 +39,18 @@ def test_dvc_repro_end_to_end(tmp_path):
     controls = {"sft_dither", "sft_unsharp", "sft_blur", "sft_contrast"}
     assert {"lq", "sft", "rl", "gt"} | controls <= set(metrics["overall"])
     for row in ["sft", "rl", *controls]:
-        assert {"psnr", "ssim", "piqe", "reward"} <= set(metrics["overall"][row])
-    assert {"piqe", "reward"} <= set(metrics["overall"]["gt"])
+        assert {"psnr", "ssim", "piqe", "reward", "judge"} <= set(metrics["overall"][row])
+    assert {"piqe", "reward", "judge"} <= set(metrics["overall"]["gt"])
+    assert set(metrics["rl_vs_sft"]["judge"]) == {"diff", "lo", "hi"}  # the held-out judge, paired against SFT
     assert set(metrics["rl_vs_sft"]["psnr"]) == {"diff", "lo", "hi"} and "per_task" not in metrics
     detail = json.loads((tmp_path / "metrics/evaluate_detail.json").read_text())
     assert set(detail["per_task"]["gaussian_noise"]) >= {"n", "rl", "sft_blur"}
     assert set(detail["vs_sft"]) == {"rl"} | controls
 
-    # reward, score and rl made their outputs.
+    # reward, judge, score and rl made their outputs.
     assert (tmp_path / "checkpoints/reward/model.safetensors").exists()
+    assert (tmp_path / "checkpoints/judge/model.safetensors").exists()
+    assert json.loads((tmp_path / "metrics/judge.json").read_text())["patches"]["held_out"] >= 1
     assert json.loads((tmp_path / "metrics/reward.json").read_text())["gt_above_lq"] >= 0
     table = (tmp_path / "data/difficulty.csv").read_text().splitlines()
     assert table[0].startswith("index,id,task,reward_output,reward_gt") and len(table) == 1 + 16

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.dataset import load_split
+from pipeline import scoring
 from pipeline.stages import evaluate
 from tests.conftest import smoke_params
 
@@ -16,21 +17,21 @@ def test_the_interval_is_paired_and_read_in_the_metrics_direction():
     g = torch.Generator().manual_seed(0)
     sft = torch.linspace(20, 40, 64)  # patches differ a lot from each other...
     better = sft + 0.1 + 0.01 * torch.randn(64, generator=g)  # ...the row beats SFT on each one
-    interval = evaluate.paired_interval(better, sft, g)
+    interval = scoring.paired_interval(better, sft, g)
     assert 0.09 < interval["lo"] < interval["diff"] < interval["hi"] < 0.11
-    assert evaluate.verdict(interval, higher_is_better=True) == "better"
-    assert evaluate.verdict(interval, higher_is_better=False) == "worse"  # e.g. GMSD, lower is better
+    assert scoring.verdict(interval, higher_is_better=True) == "better"
+    assert scoring.verdict(interval, higher_is_better=False) == "worse"  # e.g. GMSD, lower is better
     # Unpaired, the spread of the patches would hide a 0.1 gain; zero-mean noise is unclear.
     noise = sft + torch.randn(64, generator=g)
-    assert evaluate.verdict(evaluate.paired_interval(noise - (noise - sft).mean(), sft, g), True) == "unclear"
-    assert evaluate.paired_interval(sft + 2, sft, g) == {"diff": 2.0, "lo": 2.0, "hi": 2.0}
+    assert scoring.verdict(scoring.paired_interval(noise - (noise - sft).mean(), sft, g), True) == "unclear"
+    assert scoring.paired_interval(sft + 2, sft, g) == {"diff": 2.0, "lo": 2.0, "hi": 2.0}
 
 
 def test_every_row_but_lq_sft_and_gt_is_judged_against_sft(prepared_smoke):
     test = load_split(prepared_smoke / "data/prepared", "test")
     sft = (test.lq_full + test.gt) / 2
     outputs = {"lq": test.lq_full, "sft": sft, "rl": sft + 0.02, "sft_blur": sft * 0.9}
-    metrics = evaluate.score_outputs(outputs, test, ["psnr", "gmsd"], ["piqe"])
+    metrics = scoring.score_outputs(outputs, test, ["psnr", "gmsd"], ["piqe"])
     assert set(metrics["vs_sft"]) == {"rl", "sft_blur"}
     assert set(metrics["vs_sft"]["rl"]) == {"psnr", "gmsd", "piqe", "realism"}
     assert metrics["higher_is_better"]["realism"] is False and "realism" in metrics["overall"]["sft_blur"]
@@ -68,7 +69,7 @@ def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_a
     # Noise of 4 grey levels: PSNR-wise small (about 36 dB), as a distribution plainly not GT.
     noisy = (test.gt + 0.03 * torch.randn(test.gt.shape, generator=g)).clamp(-1, 1)
     interval = realism.interval(noisy, test.gt, g, resamples=300)
-    assert interval["lo"] > 0 and evaluate.verdict(interval, higher_is_better=False) == "worse"
+    assert interval["lo"] > 0 and scoring.verdict(interval, higher_is_better=False) == "worse"
     # Paired: the same images as SFT differ by exactly 0 on every half.
     assert realism.interval(noisy, noisy, g, resamples=50) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
@@ -161,7 +162,7 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
 def test_the_headline_keeps_rl_against_sft_and_the_detail_the_rest(prepared_smoke):
     test = load_split(prepared_smoke / "data/prepared", "test")
     sft = (test.lq_full + test.gt) / 2
-    metrics = evaluate.score_outputs({"lq": test.lq_full, "sft": sft, "rl": sft + 0.01, "sft_blur": sft * 0.9},
+    metrics = scoring.score_outputs({"lq": test.lq_full, "sft": sft, "rl": sft + 0.01, "sft_blur": sft * 0.9},
                                      test, ["psnr"], [])
     headline, detail = evaluate.split_headline(metrics)
     assert headline["rl_vs_sft"] == metrics["vs_sft"]["rl"]
@@ -195,7 +196,7 @@ def test_streamed_evaluation_scores_the_restorations_every_stage_makes(tmp_path,
     streamed = evaluate.run(params, root)
     test = load_split(Paths(root).data, "test")
     whole = restore_split(load_restorer(Paths(root).sft_model), test, params)
-    expected = evaluate.score_outputs({"lq": test.lq_full, "sft": whole}, test, ["psnr"], [])
+    expected = scoring.score_outputs({"lq": test.lq_full, "sft": whole}, test, ["psnr"], [])
     assert streamed["overall"]["sft"]["psnr"] == expected["overall"]["sft"]["psnr"]
     assert streamed["overall"]["sft"]["realism"] == expected["overall"]["sft"]["realism"]
     assert streamed["n_test"] == len(test) == 10

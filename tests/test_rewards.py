@@ -94,7 +94,7 @@ def test_hack_controls_change_the_image_slightly(name):
 
 
 def test_training_batch_pairs_put_the_better_image_first():
-    from pipeline.stages.reward import training_batch
+    from pipeline.rewards.training import training_batch
 
     gt, lq = _images(n=4)
     restored = gt.clone()
@@ -114,7 +114,7 @@ def test_training_batch_pairs_put_the_better_image_first():
 def test_fresh_degradations_are_8_bit_and_differ_from_gt():
     import numpy as np
 
-    from pipeline.stages.reward import fresh_degradations
+    from pipeline.rewards.training import fresh_degradations
 
     gt, _ = _images(n=3)
     gt = ((gt + 1) * 127.5).round() / 127.5 - 1
@@ -175,7 +175,7 @@ class _Smoothness(torch.nn.Module):
 
 def test_reward_checks_rank_rates_and_catch_a_hack_that_beats_the_sft_output():
     from pipeline.data.dataset import PairedSplit
-    from pipeline.stages.reward import reward_checks
+    from pipeline.rewards.training import reward_checks
 
     g = torch.Generator().manual_seed(0)
     ramp = torch.linspace(-0.5, 0.5, 32)
@@ -196,7 +196,7 @@ def test_reward_checks_refuse_rates_below_their_thresholds():
     """GT above LQ for 5 of 6 patches (0.83 < 0.95) fails the checks even with every hack below
     SFT; all six passes. A score that is the negative distance to the GT ranks exactly."""
     from pipeline.data.dataset import PairedSplit
-    from pipeline.stages.reward import reward_checks
+    from pipeline.rewards.training import reward_checks
 
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1

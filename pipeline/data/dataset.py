@@ -48,6 +48,10 @@ class PairedSplit(ManifestRows):
         the reward's negatives): bicubic from a smaller LQ, the LQ itself otherwise."""
         return at_gt_size(self.lq, self.gt)
 
+    def subset(self, rows: torch.Tensor) -> PairedSplit:
+        """The pairs at `rows` (a 1-D index tensor), in that order."""
+        return PairedSplit(self.gt[rows], self.lq[rows], [self.samples[i] for i in rows.tolist()])
+
     def __getitem__(self, row: int) -> dict:
         """One pair as `PatchPairs` gives it, so a split in memory streams through the same DataLoader code."""
         return {"gt": self.gt[row], "lq": self.lq[row], "row": row}

@@ -49,18 +49,19 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((arr * 255 + 0.5).astype(np.uint8))
 
 
-def load_skimage(names: list[str]) -> list[SourceImage]:
+def load_skimage(names: list[str], key: str = "prepare.source.images") -> list[SourceImage]:
+    """The bundled skimage.data images `names`; errors name the params `key` that lists them."""
     import skimage.data
 
     images = []
     for name in names:
         loader = getattr(skimage.data, name, None)
         if loader is None or not callable(loader):
-            raise DataError(f"prepare.source.images: '{name}' is not an image in skimage.data")
+            raise DataError(f"{key}: '{name}' is not an image in skimage.data")
         try:
             images.append(SourceImage(name, _rgb(np.asarray(loader()))))
         except Exception as err:  # e.g. images that skimage would download on demand
-            raise DataError(f"prepare.source.images: skimage.data.{name} could not be loaded "
+            raise DataError(f"{key}: skimage.data.{name} could not be loaded "
                             f"offline: {err}") from None
     return images
 

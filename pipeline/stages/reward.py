@@ -1,21 +1,13 @@
 """`reward`: train restorl's no-reference IQA reward model on its own data.
 
-Every step scores, for a batch of training patches, the GT, its LQ, the SFT output, fresh
-degraded copies of the GT and each hack control applied to the SFT output, once each (one random
-dihedral transform and colour-channel permutation for the whole batch), and applies the
-Bradley-Terry ranking loss -log sigmoid(s_better - s_worse) (as in RankIQA: Liu et al., "RankIQA: Learning from Rankings for
-No-reference Image Quality Assessment", 2017) to the pairs
-
-- quality: GT over LQ, GT over the SFT output, the SFT output over LQ where it is closer to GT
-  (PSNR), GT over each fresh copy;
-- hacks: the SFT output over each of its hacked copies (dither, unsharp, blur, contrast), so the
-  reward cannot be gamed by the edits the controls test (weighted by `hack_weight`).
-
-The fresh copies are drawn once per run from every degradation family at its default ranges
-(pipeline/data/degradations.py): more negatives than the fixed pairs. The acceptance checks
-(GT above LQ, GT above the SFT output, every hack control below SFT) are computed on the
-held-out val split and written to metrics/reward.json; docs/results.md has the measurements
-behind this design.
+The training patches are the train split's; the SFT model restores them as `evaluate` would, and
+pipeline/rewards/training.py trains the model from ranked pairs (GT over LQ, GT over the SFT
+output, the SFT output over its hack controls, ...; the Bradley-Terry ranking loss of RankIQA:
+Liu et al., "RankIQA: Learning from Rankings for No-reference Image Quality Assessment", 2017).
+The acceptance checks (GT above LQ, GT above the SFT output, every hack control below SFT) are
+computed on the held-out val split and written to metrics/reward.json; docs/results.md has the
+measurements behind this design. The `judge` stage trains a second model the same way on images
+neither this stage nor RL sees.
 """
 
 from __future__ import annotations
@@ -27,24 +19,16 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
-from tqdm import tqdm
 
 from pipeline import distributed, tracking
 from pipeline.atomic import atomic_dir, atomic_file
-from pipeline.checkpoint import ensure_finite
 from pipeline.config import Params, flatten
-from pipeline.data.dataset import PairedSplit, load_split
-from pipeline.data.degradations import DEGRADATIONS, degrade
+from pipeline.data.dataset import load_split
 from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
-from pipeline.models.reward_model import RewardModel
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
-from pipeline.rewards.checks import failures
-from pipeline.rewards.hacks import HACKS
-from pipeline.rewards.iqa import psnr
+from pipeline.rewards.training import fresh_degradations, reward_checks, train_reward_model
 
 SECTIONS = ["reward"]
 
@@ -59,12 +43,12 @@ def run(params: Params, root: Path = Path(".")) -> dict:
 
 
 def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) -> dict:
-    cfg, main, mine = params.reward, distributed.is_main(), distributed.rows(per_rank)
+    cfg, main = params.reward, distributed.is_main()
     sft = load_restorer(paths.sft_model, params.storage, paths.pretrained).to(device).eval()
     train, val = load_split(paths.data, "train"), load_split(paths.data, "val")
     generator = torch.Generator().manual_seed(params.runtime.seed)  # the same draws on every rank
     subset = torch.randperm(len(train), generator=generator)[: cfg.sft_samples]
-    train = PairedSplit(train.gt[subset], train.lq[subset], [train.samples[i] for i in subset.tolist()])
+    train = train.subset(subset)
     # The SFT outputs as `evaluate` scores them (val: exactly those RL validates against); the
     # training patches' noise from a stream of their own. Batches shared among the processes.
     sampling, batch, seed = params.evaluate.sampling, params.evaluate.batch_size, params.runtime.seed
@@ -72,35 +56,11 @@ def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) ->
     val_sft = restore(sft, val, sampling, batch, seed, progress=True, shared=True)
     rng = np.random.default_rng(seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]
-    train_lq = train.lq_full  # the LQ negatives at the GT's size
-
-    model = RewardModel(cfg.kernels, cfg.hidden, cfg.blocks).to(device).train()
-    distributed.broadcast_(list(model.parameters()))  # every rank starts from the main process's weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    # Linear warm-up over the first 10% of steps, then cosine decay to 0 (as the sft stage).
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, cfg.steps // 10),
-                             num_training_steps=cfg.steps)
     with tracking.stage_run("reward", params, SECTIONS, paths.root) if main else contextlib.nullcontext():
-        for step in tqdm(range(cfg.steps), desc="reward", unit="step", disable=not main):
-            idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator)
-            images, quality, hacks = training_batch(train.gt[idx], train_lq[idx], train_sft[idx],
-                                                    [f[idx] for f in fresh], generator)
-            quality_loss, hack_loss = pair_losses(model, images.to(device), (quality, hacks), cfg.batch_size, mine)
-            loss = quality_loss + cfg.hack_weight * hack_loss
-            global_loss = distributed.mean(loss.detach())  # the loss of the global batch
-            ensure_finite(global_loss, "reward", f"step {step + 1}", paths.resume / "reward")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(list(model.parameters()))
-            optimizer.step()
-            schedule.step()
-            if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-                logged = distributed.mean(torch.stack([quality_loss, hack_loss]).detach())
-                if main:
-                    mlflow.log_metrics({"bt_loss": logged[0].item(), "hack_loss": logged[1].item()}, step=step + 1)
+        model = train_reward_model(cfg, train, train_sft, fresh, generator, device, per_rank, "reward",
+                                   paths.resume / "reward")
         if not main:
             return {}
-        model.eval()
         checks = reward_checks(model, val, val_sft, generator)
         mlflow.log_metrics({k: float(v) for k, v in flatten(checks).items() if not isinstance(v, bool)})
         with atomic_dir(paths.reward_model) as tmp:
@@ -113,70 +73,3 @@ def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) ->
 
 
 TRAIN_RESTORATIONS = 1  # the noise stream of the training patches' SFT restorations
-
-
-def pair_losses(model: RewardModel, images: torch.Tensor, pairs: tuple[torch.Tensor, ...], batch_size: int,
-                mine: slice) -> list[torch.Tensor]:
-    """This process's share of each ranking loss, the mean of -log sigmoid(s_better - s_worse)
-    over the `pairs` of the global batch (images stacked kind by kind, `batch_size` rows each).
-    The process scores only the images of its `mine` rows (every kind; a pair never spans two
-    rows) and returns world size x (its pairs' summed losses) / (all pairs): the mean over the
-    processes is the one-process loss, and the averaged gradients are its gradient."""
-    rows = torch.arange(len(images)) % batch_size
-    kept = (rows >= mine.start) & (rows < mine.stop)
-    scores = torch.zeros(len(images), device=images.device)
-    scores = scores.index_put((kept.nonzero()[:, 0].to(images.device),), model.score_view(images[kept.to(images.device)]))
-    world = distributed.world_size()
-    losses = []
-    for pair in pairs:
-        own = pair[kept[pair[:, 0]]]
-        losses.append(-F.logsigmoid(scores[own[:, 0]] - scores[own[:, 1]]).sum() * world / len(pair))
-    return losses
-
-
-def fresh_degradations(gt: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One new 8-bit degraded copy of each GT patch: a family drawn uniformly, its default ranges."""
-    names = sorted(DEGRADATIONS)
-    out = []
-    for image in ((gt.permute(0, 2, 3, 1).numpy() + 1) / 2):
-        family = DEGRADATIONS[names[rng.integers(len(names))]]
-        out.append(degrade(image, [(family.name, family.draw_params({}, rng))], rng))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator):
-    """Stacked images [GT, LQ, SFT, *fresh, *hack(SFT)] under one random dihedral transform and
-    colour-channel permutation, and
-    (better, worse) index pairs into them: quality pairs and hack pairs, each an (P, 2) tensor."""
-    k, flip = int(torch.randint(0, 4, (1,), generator=generator)), bool(torch.rand(1, generator=generator) < 0.5)
-    channels = torch.randperm(3, generator=generator)  # colour permutation: more content variety
-    natural = [torch.rot90(x[:, channels], k, (2, 3)) for x in (gt, lq, restored, *fresh)]
-    if flip:
-        natural = [x.flip(3) for x in natural]
-    gt, lq, restored = natural[:3]
-    images = natural + [hack(restored, generator) for hack in HACKS.values()]
-    group = [torch.arange(len(gt)) + j * len(gt) for j in range(len(images))]  # indices per image kind
-    closer = psnr(restored, gt) > psnr(lq, gt)
-    quality = [(group[0], group[1]), (group[0], group[2]), (group[2][closer], group[1][closer])]
-    quality += [(group[0], group[3 + j]) for j in range(len(fresh))]
-    hacks = [(group[2], group[3 + len(fresh) + j]) for j in range(len(HACKS))]
-    return torch.cat(images), _stack_pairs(quality), _stack_pairs(hacks)
-
-
-def _stack_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([torch.cat([b for b, _ in pairs]), torch.cat([w for _, w in pairs])], 1)
-
-
-def reward_checks(model: RewardModel, val: PairedSplit, val_sft: torch.Tensor, generator) -> dict:
-    """The acceptance checks on held-out data: ranking rates and the hack controls' scores."""
-    with torch.no_grad():
-        gt, lq, sft = model(val.gt), model(val.lq_full), model(val_sft)
-        hacks = {name: float(model(hack(val_sft, generator)).mean()) for name, hack in HACKS.items()}
-    result = {
-        "gt_above_lq": float((gt > lq).float().mean()),
-        "gt_above_sft": float((gt > sft).float().mean()),
-        "mean": {"gt": float(gt.mean()), "sft": float(sft.mean()), "lq": float(lq.mean())},
-        "hack_mean": hacks,
-    }
-    result["passed"] = not failures(result)
-    return result
