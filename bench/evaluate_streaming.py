@@ -7,12 +7,15 @@ Prepares each test split once in a temp folder (prepare.patches_per_image.test x
 saves a restorer of the profile's architecture (random weights: the cost of sampling does not
 depend on them) and scores the split in its own process as `evaluate` does (`score_split`: the
 DataLoader, every batch restored at `evaluate.sampling` and scored by PSNR, SSIM and the realism
-statistics). Prints figures only.
+statistics). The peak RSS includes heap pages glibc keeps for reuse after they are freed; what
+the process still holds at the end (after malloc_trim) and the size of the per-patch figures it
+keeps are printed beside it. Prints figures only.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 
@@ -40,12 +44,37 @@ def child(workspace: str, params_file: str) -> None:
     paths = Paths(Path(workspace))
     test = PatchPairs(paths.data, "test")
     model = load_restorer(paths.sft_model)
+    process = psutil.Process()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the imports and the model
+    live_before = _trimmed_rss_mb(process)
     t0 = time.perf_counter()
-    score_split(test, {"sft": model}, [params.evaluate.sampling], Judges(["psnr", "ssim"], []), params, controls=True)
+    scored = score_split(test, {"sft": model}, [params.evaluate.sampling], Judges(["psnr", "ssim"], []), params,
+                         controls=True)
     seconds = time.perf_counter() - t0
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    print(json.dumps({"patches": len(test), "seconds": seconds, "grew_mb": grew}))
+    print(json.dumps({"patches": len(test), "seconds": seconds, "grew_mb": grew,
+                      "held_mb": _trimmed_rss_mb(process) - live_before, "kept_kb": _kept_bytes(scored) / 1024}))
+
+
+def _trimmed_rss_mb(process) -> float:
+    """Resident memory after glibc returns freed heap pages to the system (malloc_trim; elsewhere
+    the plain RSS): what the process still holds, not what its allocator keeps for reuse."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return process.memory_info().rss / 2 ** 20
+
+
+def _kept_bytes(scored) -> int:
+    def tensors(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from tensors(v)
+        else:
+            yield x
+    return sum(t.untyped_storage().nbytes() for part in (scored.per_image, scored.statistics, scored.points)
+               for t in tensors(part))
 
 
 def main() -> None:
@@ -76,7 +105,8 @@ def main() -> None:
                                  capture_output=True, text=True, check=True, env=env)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"test split x{scale:<3} {r['patches']:6d} patches  {r['patches'] / r['seconds']:7.1f} patches/s   "
-                  f"peak RSS +{r['grew_mb']:6.0f} MB over the imports and the model")
+                  f"peak RSS +{r['grew_mb']:5.0f} MB over the imports and the model; held at the end "
+                  f"+{r['held_mb']:4.0f} MB, of which the per-patch figures {r['kept_kb']:.0f} kB")
 
 
 if __name__ == "__main__":
