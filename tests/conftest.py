@@ -141,3 +141,11 @@ def scored_stand_ins(root: Path, prepared: Path) -> Path:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         score.run(smoke_params(), root)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end tests first, each file's tests in their own order: `make test`
+    hands whole files to two workers (pytest-xdist --dist loadfile), and the long files started
+    first leave the short ones to fill the gaps, rather than one long file running alone at the end."""
+    heavy = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in heavy)

@@ -47,6 +47,9 @@ PPO = {"objective": "ppo", "step_credit": "coca", "advantage_std": "global", "kl
 # them further; the last two also change the logged curves, which are compared below.
 TOLERANCE = 2e-5
 LOSSES = {"loss_rl", "loss_sft", "kl", "clip_frac", "loss_reg", "kl_pull"}
+# Val PSNRs are written to 4 decimals: weights equal to float rounding (~1e-5) can move one by a
+# unit in that last digit (seen: a worst-task drop of -0.0057 against -0.0058).
+WRITTEN_TO_4_DECIMALS = {"val_psnr", "val_psnr_drop", "val_psnr_drop_worst_task"}
 
 
 def torchrun(n: int) -> list[str]:
@@ -99,10 +102,13 @@ def _assert_same_training(one: Path, two: Path) -> None:
     for x, y in zip(rows[0][1:], rows[1][1:]):
         for name, u, v in zip(rows[0][0].split(","), x.split(","), y.split(",")):
             loose = name in LOSSES
-            assert float(u) == pytest.approx(float(v), rel=1e-2 if loose else 1e-5, abs=1e-3 if loose else 1e-6), name
+            digit = 1.01e-4 if name in WRITTEN_TO_4_DECIMALS else 1e-6
+            assert float(u) == pytest.approx(float(v), rel=1e-2 if loose else 1e-5, abs=1e-3 if loose else digit), name
     summaries = [json.loads((root / "metrics/rl.json").read_text()) for root in (one, two)]
     assert summaries[0]["best_epoch"] == summaries[1]["best_epoch"]
-    assert summaries[0]["val"] == summaries[1]["val"]
+    for model in ("sft", "rl"):
+        assert summaries[0]["val"][model]["reward"] == pytest.approx(summaries[1]["val"][model]["reward"], abs=1e-5)
+        assert summaries[0]["val"][model]["psnr"] == pytest.approx(summaries[1]["val"][model]["psnr"], abs=1.01e-4)
 
 
 @pytest.mark.e2e

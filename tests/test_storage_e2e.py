@@ -158,11 +158,12 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     restored = model.predict(batch)
     assert restored.shape == batch.shape and np.isfinite(restored).all()
     from pipeline.models.loading import load_restorer
+    from pipeline.seeding import batch_generator
 
     local = load_restorer(root / "checkpoints/rl").eval()
     cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
     sampling = smoke_params().evaluate.sampling  # the pyfunc's defaults: the evaluated sampling
-    expected = local.restore(cond, sampling.steps, sampling.eta, torch.Generator().manual_seed(0),
+    expected = local.restore(cond, sampling.steps, sampling.eta, batch_generator(0, 0),  # evaluate's first batch
                              samples=sampling.samples)
     np.testing.assert_allclose(restored, ((expected + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
