@@ -110,6 +110,11 @@ def test_a_judge_image_prepare_also_uses_is_one_error_naming_the_key(tmp_path, p
                      judge={"source": {"kind": "folder", "path": "/photos"}})
     with pytest.raises(ConfigError, match=r"judge.source: .*kind 'faces'"):
         smoke_params(judge={"source": {"kind": "faces"}})
+    # A folder that is not there: its key and its path, before any work.
+    from pipeline.data.sources import DataError
+
+    with pytest.raises(DataError, match=f"judge.source.path: {tmp_path}/absent: not a directory"):
+        judge_patches(smoke_params(judge={"source": {"kind": "folder", "path": str(tmp_path / "absent")}}))
 
 
 def test_rl_cannot_train_on_the_judge():

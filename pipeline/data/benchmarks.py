@@ -33,8 +33,11 @@ def load_hq_images(source: SourceConfig, key: str, endpoint: str | None = None) 
         return load_skimage(source.images, f"{key}.images")
     if source.kind != "folder":
         raise DataError(f"{key}.kind: '{source.kind}'; HQ images come from skimage or a folder")
-    with local_source(source.path, endpoint) as folder:
-        return load_folder(folder)
+    try:
+        with local_source(source.path, endpoint) as folder:
+            return load_folder(folder)
+    except DataError as err:  # name the params key beside the path or URI
+        raise DataError(f"{key}.path: {err}") from None
 
 
 def cut_split(images: list[SourceImage], per_image: int, prepare: PrepareConfig, seed: int, keys: tuple[str, ...],
