@@ -117,14 +117,14 @@ class DegradationConfig(Section):
 class PrepareConfig(Section):
     source: SourceConfig = SourceConfig(
         images=["astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "brick", "grass", "gravel",
-                "moon", "clock", "coins", "coffee", "chelsea", "camera"]
+                "moon", "clock", "coins", "coffee", "chelsea", "camera", "cell"]
     )
-    split: SplitConfig = SplitConfig(val=["coffee"], test=["chelsea", "camera"])
+    split: SplitConfig = SplitConfig(val=["coffee", "coins", "cell"], test=["chelsea", "camera", "clock"])
     patch_size: int = Field(32, ge=16, le=512, description="multiple of 8 (three UNet down-samplings)")
     # Write each LQ at 1/lq_scale of the GT's size (its area average): the input of a
     # super-resolution layout whose autoencoder downscales by lq_scale (docs/layouts.md).
     lq_scale: int = Field(1, ge=1)
-    patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 160, "val": 48, "test": 64})
+    patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 200, "val": 16, "test": 48})
     degradations: DegradationConfig = DegradationConfig(tasks={
         "gaussian_noise": TaskConfig(params={"sigma": (0.02, 0.06)}),
         "low_light": TaskConfig(params={"gain": (0.25, 0.5), "gamma": (1.2, 1.6), "noise": (0.005, 0.015)}),
@@ -300,6 +300,10 @@ class RewardConfig(Section):
     blocks: int = Field(1, ge=0)     # residual blocks per stage
     # Training patches restored by the SFT model to make GT > SFT > LQ pairs; the reward trains on them.
     sft_samples: int = Field(1600, ge=1)
+    # How SFT restores them: one sample by default, not evaluate.sampling's mean of 8. That is an
+    # eighth of the cost, and a single sample is what RL's rollouts are when the reward scores
+    # them. The checks still score SFT outputs as `evaluate` restores them.
+    sft_sampling: SamplingConfig = SamplingConfig(samples=1)
     # Freshly degraded copies of each of those GT patches, extra negatives (GT > copy).
     fresh_negatives: int = Field(2, ge=0)
     # Weight of the hack pairs (SFT output > SFT output + each hack control) in the loss.
@@ -314,10 +318,11 @@ class JudgeConfig(RewardConfig):
     by SFT and trained on)."""
 
     # Bundled skimage images outside prepare's default list: retina (a 1411 px colour fundus
-    # photograph, the one natural colour image left) and page and text (grey scans of print:
-    # edges and flat paper, content the training images lack). Synthetic ones (colorwheel,
-    # logo, horse) and lfw_subset (the faces profile's source) are left out.
-    source: SourceConfig = SourceConfig(images=["retina", "page", "text"])
+    # photograph), stereo_motorcycle (the left view of a 741 px colour stereo pair: the one
+    # natural photograph left) and page and text (grey scans of print: edges and flat paper,
+    # content the training images lack). Synthetic ones (colorwheel, logo, horse) and
+    # lfw_subset (the faces profile's source) are left out.
+    source: SourceConfig = SourceConfig(images=["retina", "stereo_motorcycle", "page", "text"])
     patches_per_image: int = Field(400, ge=1)
     seed: int = 1  # its own draws (patches, degradations, batches, weights): not runtime.seed's
     # Share of the judge's patches held out (a seeded draw) for its checks (metrics/judge.json).

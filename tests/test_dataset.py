@@ -93,3 +93,15 @@ def test_sft_ends_with_the_same_weights_with_loader_workers(workspace, tmp_path_
         weights.append(load_file(root / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_bundled_images_load_as_rgb_including_a_stereo_pair():
+    """skimage's stereo_motorcycle returns (left, right, disparity): its left view is the image;
+    a grey image is repeated into three channels."""
+    import skimage.data
+
+    from pipeline.data.sources import load_skimage
+
+    motorcycle, cell = load_skimage(["stereo_motorcycle", "cell"])
+    assert motorcycle.gt.shape == (500, 741, 3) and (motorcycle.gt == skimage.data.stereo_motorcycle()[0]).all()
+    assert cell.gt.shape == (660, 550, 3) and (cell.gt[..., 2] == skimage.data.cell()).all()

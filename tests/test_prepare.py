@@ -209,3 +209,21 @@ def test_a_task_val_has_and_train_lacks_is_one_error_naming_both(tmp_path):
     params = smoke_params(prepare={"patches_per_image": {"train": 1, "val": 7, "test": 1}})
     _assert_fails_cleanly(params, tmp_path, r"task '\w+' is in the val split but not in train .*"
                                             r"prepare.patches_per_image.train")
+
+
+def test_default_val_and_test_hold_several_images_and_every_task():
+    """The shipped split: val (RL's epoch choice, the reward's checks) and test each hold three
+    source images, and each task has at least 6 patches in val and 20 in test, spread over more
+    than one image; nothing here reads pixels (names and the seeded task schedule only)."""
+    params = prepare.Params()
+    cfg, seed = params.prepare, params.runtime.seed
+    splits = prepare.split_by_source(cfg.source.images, cfg, seed)
+    schedule = prepare.task_schedule(splits, cfg, seed)
+    tasks = set(cfg.degradations.tasks)
+    for split, least in (("val", 6), ("test", 20)):
+        images = [n for n, s in splits.items() if s == split]
+        assert len(images) >= 3, (split, images)
+        counts = Counter(t for n in images for t in schedule[n])
+        assert set(counts) == tasks and min(counts.values()) >= least, (split, counts)
+        for task in tasks:
+            assert sum(task in schedule[n] for n in images) >= 2, (split, task)

@@ -59,7 +59,10 @@ def load_skimage(names: list[str], key: str = "prepare.source.images") -> list[S
         if loader is None or not callable(loader):
             raise DataError(f"{key}: '{name}' is not an image in skimage.data")
         try:
-            images.append(SourceImage(name, _rgb(np.asarray(loader()))))
+            image = loader()
+            if isinstance(image, tuple):  # stereo_motorcycle: (left view, right view, disparity)
+                image = image[0]
+            images.append(SourceImage(name, _rgb(np.asarray(image))))
         except Exception as err:  # e.g. images that skimage would download on demand
             raise DataError(f"{key}: skimage.data.{name} could not be loaded "
                             f"offline: {err}") from None

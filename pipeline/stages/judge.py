@@ -57,7 +57,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         raise DataError(f"judge: task(s) {unknown} of prepare.degradations unknown to the SFT model in "
                         f"{paths.sft_model}, which knows {sft.tasks}; re-run sft")
     sampling, batch = params.evaluate.sampling, params.evaluate.batch_size
-    train_sft = restore(sft, train, sampling, batch, (cfg.seed, TRAIN_RESTORATIONS), progress=True)
+    train_sft = restore(sft, train, cfg.sft_sampling, batch, (cfg.seed, TRAIN_RESTORATIONS), progress=True)
     held_out_sft = restore(sft, held_out, sampling, batch, (cfg.seed, HELD_OUT_RESTORATIONS), progress=True)
     rng = np.random.default_rng(cfg.seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]

@@ -49,10 +49,11 @@ def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) ->
     generator = torch.Generator().manual_seed(params.runtime.seed)  # the same draws on every rank
     subset = torch.randperm(len(train), generator=generator)[: cfg.sft_samples]
     train = train.subset(subset)
-    # The SFT outputs as `evaluate` scores them (val: exactly those RL validates against); the
-    # training patches' noise from a stream of their own. Batches shared among the processes.
+    # The training patches restored as `reward.sft_sampling` says, their noise from a stream of
+    # their own; val as `evaluate` restores it (exactly the outputs RL validates against).
+    # Batches shared among the processes.
     sampling, batch, seed = params.evaluate.sampling, params.evaluate.batch_size, params.runtime.seed
-    train_sft = restore(sft, train, sampling, batch, (seed, TRAIN_RESTORATIONS), progress=True, shared=True)
+    train_sft = restore(sft, train, cfg.sft_sampling, batch, (seed, TRAIN_RESTORATIONS), progress=True, shared=True)
     val_sft = restore(sft, val, sampling, batch, seed, progress=True, shared=True)
     rng = np.random.default_rng(seed)
     fresh = [fresh_degradations(train.gt, rng) for _ in range(cfg.fresh_negatives)]
