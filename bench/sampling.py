@@ -1,11 +1,12 @@
-"""PSNR gain of a trained restorer over the LQ input on the test split, per sampler setting.
+"""PSNR gain of a trained restorer over the LQ input on the val split, per sampler setting.
 
-    python bench/sampling.py [CHECKPOINT] [--steps 1 2] [--samples 1 4 8]
+    python bench/sampling.py [CHECKPOINT] [--steps 1 2] [--samples 1 4 8] [--split val]
 
 Run in a workspace after `restorl repro` (CHECKPOINT defaults to checkpoints/sft). For each
 number of deterministic DDIM steps and each number of averaged samples (different starting
 noise, `evaluate.sampling.samples`), prints the mean gain in dB (restored - LQ), overall and
-per task. The K-sample mean reuses the first K draws, so rows differ only in K.
+per task. The K-sample mean reuses the first K draws, so rows differ only in K. Settings are
+chosen on val; `--split test` exists to report, not to choose.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=["val", "test"], default="val")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_restorer(args.checkpoint).eval()
-    test = load_split("data/prepared", "test")
+    test = load_split("data/prepared", args.split)
     base = psnr(test.lq, test.gt)
     tasks = sorted(set(test.tasks))
     masks = {t: torch.tensor([x == t for x in test.tasks]) for t in tasks}

@@ -206,15 +206,14 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     rl_file = Path("metrics/rl.json")
     if rl_file.exists():
         rl = json.loads(rl_file.read_text())
-        val = rl["val"]
         typer.echo(f"\nRL (metrics/rl.json): {rl['rollouts']} rollouts, best epoch {rl['best_epoch']} of {rl['epochs']}; "
-                   f"val reward {val['rl']['reward']:.4g} (SFT {val['sft']['reward']:.4g}), "
-                   f"val PSNR {val['rl']['psnr']:.2f} dB (SFT {val['sft']['psnr']:.2f})")
+                   f"val reward gain {rl['val_reward_gain']:+.4g}, val PSNR drop {rl['val_psnr_drop']:.2f} dB "
+                   f"(worst task {rl['worst_task']}: {rl['val_psnr_drop_worst_task']:.2f} dB)")
     metrics_file, detail_file = Path("metrics/evaluate.json"), Path("metrics/evaluate_detail.json")
-    if metrics_file.exists():
-        typer.echo("\nTest split (metrics/evaluate.json, per task: metrics/evaluate_detail.json):")
-        detail = json.loads(detail_file.read_text()) if detail_file.exists() else {"per_task": {}}
-        typer.echo(format_table(merge(json.loads(metrics_file.read_text()), detail)))
+    if metrics_file.exists() and detail_file.exists():
+        typer.echo("\nTest split (headline: metrics/evaluate.json; every row, per task and the intervals: "
+                   "metrics/evaluate_detail.json):")
+        typer.echo(format_table(merge(json.loads(metrics_file.read_text()), json.loads(detail_file.read_text()))))
     typer.echo(f"\nMLflow: {redact(mlflow.get_tracking_uri())}  experiment '{cfg.tracking.experiment}', "
                f"pipeline run {run.info.run_id}")
     typer.echo(f"  browse: mlflow ui --backend-store-uri {redact(mlflow.get_tracking_uri())}")

@@ -28,7 +28,7 @@ from pipeline.models.restorer import Restorer
 from pipeline.models.sampling import restore_batch
 from pipeline.rewards import iqa
 from pipeline.rewards.hacks import HACKS
-from pipeline.rewards.realism import Realism, statistics
+from pipeline.rewards.realism import MIN_TASK_PATCHES, Realism, statistics
 from pipeline.seeding import batch_generator
 
 
@@ -153,7 +153,8 @@ def score_outputs(outputs: dict[str, torch.Tensor], data: PairedSplit, fr_metric
 def summarise(scored: Scored, tasks: list[str], judges: Judges, seed: int = 0) -> dict:
     """Mean of each metric per output row, overall and per task; GT gets the NR metrics; each row
     other than LQ, SFT and GT against SFT (`paired_interval`, resampled with `seed`); and each
-    row's distribution-level realism (pipeline/rewards/realism.py: a figure per row, not per patch)."""
+    row's distribution-level realism (pipeline/rewards/realism.py: a figure per row, not per patch);
+    per task the same (`per_task_vs_sft`)."""
     per_image = scored.per_image
 
     def means(mask: torch.Tensor) -> dict:
@@ -179,7 +180,31 @@ def summarise(scored: Scored, tasks: list[str], judges: Judges, seed: int = 0) -
         metrics["overall"][row][REALISM] = round(realism.distance(scored.statistics[row]), 4)
     for row in compared:
         metrics["vs_sft"][row][REALISM] = realism.interval(scored.statistics[row], scored.statistics["sft"], halves)
+    if compared:
+        metrics["per_task_vs_sft"] = per_task_vs_sft(scored, tasks, compared, metrics["per_task"], seed)
     return metrics
+
+
+def per_task_vs_sft(scored: Scored, tasks: list[str], compared: list[str], per_task: dict, seed: int) -> dict:
+    """Each task's `compared` rows against SFT on that task's patches: `paired_interval` of every
+    metric and the realism interval of a `Realism` of the task's GT alone (its distance is added
+    to `per_task`'s rows). Own generators, so the overall intervals are the same with or without it."""
+    per_image, generator, halves = scored.per_image, torch.Generator().manual_seed(seed + 1), \
+        torch.Generator().manual_seed(seed + 2)
+    task_of, out = np.array(tasks), {}
+    for task in sorted(set(tasks)):
+        mask = torch.from_numpy(task_of == task)
+        out[task] = {row: {m: paired_interval(v[mask], per_image["sft"][m][mask], generator)
+                           for m, v in per_image[row].items()} for row in compared}
+        stats = {row: s[mask] for row, s in scored.statistics.items()}
+        if int(mask.sum()) < MIN_TASK_PATCHES:  # too few patches for a distance of their own
+            continue
+        realism = Realism(stats["gt"], [task] * int(mask.sum()))
+        for row in (r for r in stats if r != "gt" and r in per_task[task]):
+            per_task[task][row][REALISM] = round(realism.distance(stats[row]), 4)
+        for row in compared:
+            out[task][row][REALISM] = realism.interval(stats[row], stats["sft"], halves)
+    return out
 
 
 REALISM = "realism"  # MMD^2 x 100 of the outputs' image statistics from GT's, per task, averaged

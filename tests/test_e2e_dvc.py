@@ -34,18 +34,31 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     first = run_tool([str(BIN / "restorl"), "repro"], tmp_path)
     assert _ran_stages(first.stdout) == list(STAGES)
+    # The headline `dvc metrics show` lists: SFT and RL overall, RL against SFT.
     metrics = json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    assert metrics["n_test"] == 7
-    controls = {"sft_dither", "sft_unsharp", "sft_blur", "sft_contrast"}
-    assert {"lq", "sft", "rl", "gt"} | controls <= set(metrics["overall"])
-    for row in ["sft", "rl", *controls]:
-        assert {"psnr", "ssim", "piqe", "reward", "judge"} <= set(metrics["overall"][row])
-    assert {"piqe", "reward", "judge"} <= set(metrics["overall"]["gt"])
-    assert set(metrics["rl_vs_sft"]["judge"]) == {"diff", "lo", "hi"}  # the held-out judge, paired against SFT
-    assert set(metrics["rl_vs_sft"]["psnr"]) == {"diff", "lo", "hi"} and "per_task" not in metrics
+    assert metrics["n_test"] == 7 and set(metrics) == {"n_test", "overall", "rl_vs_sft"}
+    assert set(metrics["overall"]) == {"sft", "rl"}
+    for row in ("sft", "rl"):
+        assert {"psnr", "ssim", "piqe", "reward", "judge", "realism"} <= set(metrics["overall"][row])
+    # the held-out judge, paired against SFT: its difference and the verdict of its interval
+    assert set(metrics["rl_vs_sft"]["judge"]) == {"diff", "verdict"}
+    assert metrics["rl_vs_sft"]["psnr"]["verdict"] in ("better", "worse", "unclear")
+    assert set(metrics["rl_vs_sft"]["ssim"]) == {"diff"}
+    # The detail: every row, per task, every interval.
     detail = json.loads((tmp_path / "metrics/evaluate_detail.json").read_text())
+    controls = {"sft_dither", "sft_unsharp", "sft_blur", "sft_contrast"}
+    assert {"lq", "sft", "rl", "gt"} | controls <= set(detail["overall"])
+    for row in ["sft", "rl", *controls]:
+        assert {"psnr", "ssim", "piqe", "reward", "judge"} <= set(detail["overall"][row])
+    assert {"piqe", "reward", "judge"} <= set(detail["overall"]["gt"])
+    assert set(detail["vs_sft"]["rl"]["judge"]) == {"diff", "lo", "hi"}
     assert set(detail["per_task"]["gaussian_noise"]) >= {"n", "rl", "sft_blur"}
     assert set(detail["vs_sft"]) == {"rl"} | controls
+    assert set(detail["per_task_vs_sft"]["gaussian_noise"]) == {"rl"} | controls
+    shown = run_tool([str(BIN / "dvc"), "metrics", "show", "--json"], tmp_path).stdout
+    files = next(iter(json.loads(shown).values()))["data"]
+    assert "metrics/evaluate_detail.json" not in files and "metrics/evaluate.json" in files
+    assert not {"sft_blur", "per_task", "lo", "higher_is_better"} & set(json.dumps(files).replace('"', " ").split())
 
     # reward, judge, score and rl made their outputs.
     assert (tmp_path / "checkpoints/reward/model.safetensors").exists()

@@ -144,8 +144,10 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     assert mine["overall"]["lq"]["psnr"] > 60  # gt/ and lq/ are the same images here
     headline = json.loads((root / "metrics/evaluate.json").read_text())
     detail = json.loads((root / "metrics/evaluate_detail.json").read_text())
-    assert set(headline["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"}
+    assert set(headline["benchmarks"]["photos"]["overall"]) == {"sft"}  # no RL checkpoint here
+    assert set(detail["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"}
     assert "per_task" not in headline["benchmarks"]["photos"] and "photos" in detail["benchmarks"]
+    assert headline["benchmarks"]["photos"]["path"] == str(hq)
     assert "Benchmark 'photos'" in evaluate.format_table(evaluate.merge(headline, detail))
 
     # Ready pairs without a task name: one error naming the key, not a traceback from the model.
@@ -159,16 +161,35 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
         evaluate.run(named, root)
 
 
-def test_the_headline_keeps_rl_against_sft_and_the_detail_the_rest(prepared_smoke):
+def test_the_headline_keeps_sft_rl_and_their_difference_and_the_detail_everything(prepared_smoke):
     test = load_split(prepared_smoke / "data/prepared", "test")
     sft = (test.lq_full + test.gt) / 2
     metrics = scoring.score_outputs({"lq": test.lq_full, "sft": sft, "rl": sft + 0.01, "sft_blur": sft * 0.9},
-                                     test, ["psnr"], [])
+                                     test, ["psnr", "ssim"], ["piqe"])
     headline, detail = evaluate.split_headline(metrics)
-    assert headline["rl_vs_sft"] == metrics["vs_sft"]["rl"]
-    assert "per_task" not in headline and "vs_sft" not in headline
-    assert set(detail) == {"per_task", "vs_sft"}
-    assert evaluate.merge(headline, detail) == metrics
+    assert set(headline) == {"n_test", "overall", "rl_vs_sft"}
+    assert headline["overall"] == {row: metrics["overall"][row] for row in ("sft", "rl")}
+    rl = metrics["vs_sft"]["rl"]
+    assert headline["rl_vs_sft"]["ssim"] == {"diff": rl["ssim"]["diff"]}
+    for m in ("psnr", "realism"):  # a verdict only for the metrics the bar of "RL improves" reads
+        assert headline["rl_vs_sft"][m] == {"diff": rl[m]["diff"],
+                                            "verdict": scoring.verdict(rl[m], metrics["higher_is_better"][m])}
+    assert headline["rl_vs_sft"]["psnr"]["verdict"] == "worse"  # +0.01 everywhere: off the GT
+    figures = [v for v in _leaves(headline)]
+    assert len(figures) == 1 + 2 * 4 + 4 + 2  # n_test, 2 rows x 4 metrics, 4 diffs, 2 verdicts
+    assert detail == metrics and evaluate.merge(headline, detail) == metrics
+    # per task: every compared row against SFT on the task's patches, realism where a task has enough
+    task, rows = next(iter(metrics["per_task_vs_sft"].items()))
+    assert set(rows) == {"rl", "sft_blur"} and set(rows["rl"]) >= {"psnr", "ssim", "piqe"}
+    assert set(rows["rl"]["psnr"]) == {"diff", "lo", "hi"}
+    mask = [t == task for t in test.tasks]
+    gap = metrics["per_task"][task]["rl"]["psnr"] - metrics["per_task"][task]["sft"]["psnr"]
+    assert rows["rl"]["psnr"]["diff"] == pytest.approx(gap, abs=2e-4) and sum(mask) == metrics["per_task"][task]["n"]
+
+
+def _leaves(tree):
+    for value in tree.values():
+        yield from _leaves(value) if isinstance(value, dict) else [value]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ the outputs' image statistics lie from GT's as a distribution, per task, average
 tasks (lower is closer; overall only). Figures are given overall and per degradation task, and for RL and each
 control against SFT: the mean paired difference with a 95 % bootstrap interval over patches,
 so a row "improves" a metric only when its interval clears zero.
-Output: `metrics/evaluate.json` (DVC metrics: every row overall, RL against SFT),
-`metrics/evaluate_detail.json` (per task, every row against SFT), `plots/eval_grid.png`
+Output: `metrics/evaluate.json` (DVC metrics, the headline: the overall SFT and RL rows, RL's
+mean difference from SFT per metric and the verdict of its interval for PSNR, reward, judge and
+realism), `metrics/evaluate_detail.json` (everything: every row overall and per task, every row
+against SFT with its interval, overall and per task), `plots/eval_grid.png`
 (LQ | SFT | RL | GT, labelled), the perception-distortion picture `plots/frontier.csv` and
 `.png` (SFT and RL across sampler settings, the controls as points), and the same in an MLflow
 run. The split is streamed: a DataLoader reads it batch by batch, and each batch is restored and
@@ -173,32 +175,39 @@ def score_benchmark(name: str, models: dict[str, Restorer], params: Params, judg
     return summarise(scored, data.tasks, judges, params.runtime.seed) | {"path": redact(bench.path)}
 
 
-DETAIL = ("per_task", "vs_sft")  # in metrics/evaluate_detail.json; the headline keeps RL against SFT
+HEADLINE_ROWS = ("sft", "rl")  # the overall rows metrics/evaluate.json keeps; the rest is in the detail
+# RL against SFT: the headline has each metric's mean difference, and the verdict of its paired
+# interval (better | worse | unclear) for these: the training reward, the judges RL never trained
+# on that decide "RL improves" (held-out judge, realism) and the fidelity it must not lose (PSNR).
+HEADLINE_VERDICTS = ("psnr", "reward", "judge", REALISM)
 
 
 def split_headline(metrics: dict) -> tuple[dict, dict]:
-    """(metrics/evaluate.json, metrics/evaluate_detail.json): the headline DVC shows with
-    `dvc metrics show`/`diff` (every row overall, RL against SFT; the same for each benchmark),
-    and the detail (per task, every row against SFT) that `restorl repro` prints and MLflow
-    keeps. `merge` undoes it."""
-    headline = {k: v for k, v in metrics.items() if k not in (*DETAIL, "benchmarks")}
-    if "rl" in metrics.get("vs_sft", {}):
-        headline["rl_vs_sft"] = metrics["vs_sft"]["rl"]
-    detail = {k: metrics[k] for k in DETAIL if k in metrics}
+    """(metrics/evaluate.json, metrics/evaluate_detail.json). The headline, what `dvc metrics
+    show`/`diff` list: `n_test`, the overall SFT and RL rows, and `rl_vs_sft` (per metric the mean
+    paired difference RL - SFT and, for `HEADLINE_VERDICTS`, the interval's verdict); the same per
+    benchmark. The detail (a plain DVC output) is everything: every row overall (LQ, the
+    controls, GT), `higher_is_better`, `sampling`, per task, every row against SFT with its
+    interval, overall (`vs_sft`) and per task (`per_task_vs_sft`), and each benchmark's. `merge`
+    gives the whole back."""
+    headline: dict = {"n_test": metrics["n_test"],
+                      "overall": {row: metrics["overall"][row] for row in HEADLINE_ROWS if row in metrics["overall"]}}
+    rl = metrics.get("vs_sft", {}).get("rl")
+    if rl:
+        higher = metrics["higher_is_better"]
+        headline["rl_vs_sft"] = {m: {"diff": f["diff"]} | (
+            {"verdict": verdict(f, higher[m])} if m in HEADLINE_VERDICTS else {}) for m, f in rl.items()}
+    detail = {k: v for k, v in metrics.items() if k != "benchmarks"}
     if metrics.get("benchmarks"):
         parts = {name: split_headline(block) for name, block in metrics["benchmarks"].items()}
-        headline["benchmarks"] = {name: h for name, (h, _) in parts.items()}
+        headline["benchmarks"] = {name: h | {"path": metrics["benchmarks"][name]["path"]} for name, (h, _) in parts.items()}
         detail["benchmarks"] = {name: d for name, (_, d) in parts.items()}
     return headline, detail
 
 
 def merge(headline: dict, detail: dict) -> dict:
-    merged = {k: v for k, v in headline.items() if k not in ("rl_vs_sft", "benchmarks")}
-    merged |= {k: v for k, v in detail.items() if k != "benchmarks"}
-    if headline.get("benchmarks"):
-        merged["benchmarks"] = {name: merge(block, detail.get("benchmarks", {}).get(name, {}))
-                                for name, block in headline["benchmarks"].items()}
-    return merged
+    """The whole evaluate record from its two files (the detail holds everything the headline does)."""
+    return {k: v for k, v in headline.items() if k != "rl_vs_sft"} | detail
 
 
 GRID_MARGIN = 14  # px of the label strips: column names on top, task names on the left

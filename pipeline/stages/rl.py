@@ -6,8 +6,9 @@ and keeps the best epoch so far (pipeline/rl/loop.py has the phases). The epoch 
 val reward gain over SFT whose PSNR fell by at most `psnr_guard` dB is what ships (epoch 0 is
 the SFT model itself), so a run that starts hacking the reward is not shipped.
 Resumable per epoch: model, optimiser, RNG, difficulty statistics, history and best-so-far go
-to `checkpoints/resume/rl/`. Output: `checkpoints/rl` (diffusers folder), `metrics/rl.json`,
-`plots/rl_curves.csv`, an MLflow run, and a new registered version with alias `challenger`.
+to `checkpoints/resume/rl/`. Output: `checkpoints/rl` (diffusers folder), `metrics/rl.json` (the
+headline: budget, time, best epoch, its val reward gain and PSNR drops, the registered version),
+`plots/rl_curves.csv` (val figures per epoch; SFT's at step 0 in MLflow), an MLflow run, and a new registered version with alias `challenger`.
 
 Many processes (`torchrun --nproc_per_node N -m pipeline.cli rl`; docs/distributed.md):
 `rl.images_per_epoch` and `rl.minibatch` are global, multiples of N. Every rank draws the epoch's
@@ -199,7 +200,6 @@ def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, sec
         model.save_pretrained(tmp)
     summary = {"epochs": cfg.epochs, "rollouts": cfg.epochs * cfg.images_per_epoch * cfg.group_size,
                "seconds": round(seconds, 1), "best_epoch": best.epoch,
-               "val": {"sft": headline(stats["baseline"]), "rl": headline(best.val)},
                "val_reward_gain": round(best.gain, 6),
                "val_psnr_drop": round(stats["baseline"]["psnr"] - best.val["psnr"], 4),
                "val_psnr_drop_worst_task": round(best_drop, 4), "worst_task": worst}
@@ -224,11 +224,6 @@ def register(params: Params, paths: Paths, summary: dict, best_epoch: int, run_i
         tmp.write_text(json.dumps(summary, indent=2))
     mlflow.log_artifact(str(paths.metrics / "rl.json"))
     return version
-
-
-def headline(val: dict) -> dict[str, float]:
-    """The val figures without the per-task detail (that goes to MLflow): a DVC metric each."""
-    return {k: v for k, v in val.items() if k != "task_psnr"}
 
 
 def write_curves(path: Path, history: list[dict]) -> None:
