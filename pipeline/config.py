@@ -125,6 +125,10 @@ class PrepareConfig(Section):
     # super-resolution layout whose autoencoder downscales by lq_scale (docs/layouts.md).
     lq_scale: int = Field(1, ge=1)
     patches_per_image: dict[str, int] = Field(default_factory=lambda: {"train": 200, "val": 16, "test": 48})
+    # A crop whose grey level's standard deviation (0..1) is below this is drawn again (up to 50
+    # times, then the most textured draw is kept): flat crops teach nothing, and their degraded
+    # twins are too close to them (often above 50 dB) for any quality model to rank. 0: off.
+    min_patch_std: float = Field(0.02, ge=0.0, lt=0.5)
     degradations: DegradationConfig = DegradationConfig(tasks={
         "gaussian_noise": TaskConfig(params={"sigma": (0.02, 0.06)}),
         "low_light": TaskConfig(params={"gain": (0.25, 0.5), "gamma": (1.2, 1.6), "noise": (0.005, 0.015)}),

@@ -64,6 +64,8 @@ def test_the_judges_patches_come_from_its_images_and_its_seed_alone():
     patches = judge_patches(smoke_params())
     assert len(patches) == 12 and {s["source"] for s in patches.samples} == {"retina", "text"}
     assert len(set(patches.tasks)) == 7  # degraded with every task of prepare.degradations, stratified
+    # cut as prepare cuts: no crop flatter than prepare.min_patch_std (retina is mostly dark background)
+    assert (((patches.gt + 1) / 2).mean(1).std(dim=(1, 2)) >= smoke_params().prepare.min_patch_std).all()
     same = judge_patches(smoke_params(runtime={"seed": 5}))  # runtime.seed (prepare's, the reward's) plays no part
     assert torch.equal(same.gt, patches.gt) and torch.equal(same.lq, patches.lq)
     other = judge_patches(smoke_params(judge={"seed": 2}))

@@ -28,6 +28,8 @@ def test_split_is_by_source_and_manifest_matches_files(prepared_smoke):
         assert gt.shape == (32, 32, 3)
         assert hashlib.sha256(gt.tobytes()).hexdigest() == s["sha256_gt"]
         assert s["task"] == s["degradations"][0]["name"]
+        # no flat crop (rocket, a training image, is half sky)
+        assert (gt.mean(axis=2) / 255).std() >= smoke_params().prepare.min_patch_std > 0, s["id"]
 
 
 def test_prepare_is_reproducible(tmp_path, prepared_smoke):
@@ -227,3 +229,27 @@ def test_default_val_and_test_hold_several_images_and_every_task():
         assert set(counts) == tasks and min(counts.values()) >= least, (split, counts)
         for task in tasks:
             assert sum(task in schedule[n] for n in images) >= 2, (split, task)
+
+
+def test_flat_crops_are_drawn_again_and_a_flat_image_still_gives_its_patches():
+    """With min_patch_std, no crop of an image half flat, half textured comes from the flat half
+    (without it, about half do); an image flat everywhere still gives its patches (the most
+    textured of the draws) instead of looping."""
+    from pipeline.config import PrepareConfig
+    from pipeline.data.patches import cut_patches
+    from pipeline.data.sources import SourceImage
+
+    rng = np.random.default_rng(0)
+    gt = np.full((96, 192, 3), 128, np.uint8)
+    gt[:, 96:] = rng.integers(0, 256, (96, 96, 3))  # the right half textured
+    image, cfg = SourceImage("half", gt), PrepareConfig()
+
+    def crops(min_std, img=image):
+        return [p.crop for p in cut_patches(img, np.random.default_rng(1), 40, 32, 1, cfg.degradations,
+                                            ["jpeg"] * 40, min_std)]
+
+    flat = [x for _, x in crops(0.02) if x + 32 <= 96]
+    assert not flat
+    assert sum(x + 32 <= 96 for _, x in crops(0.0)) >= 5
+    blank = SourceImage("blank", np.full((64, 64, 3), 7, np.uint8))
+    assert len(crops(0.02, blank)) == 40

@@ -42,8 +42,9 @@ def load_hq_images(source: SourceConfig, key: str, endpoint: str | None = None) 
 
 def cut_split(images: list[SourceImage], per_image: int, prepare: PrepareConfig, seed: int, keys: tuple[str, ...],
               where: tuple[str, str], task: str | None = None) -> PairedSplit:
-    """`per_image` patches of each image as a split: ready pairs cut as they are (tasks: `task`,
-    else "pairs"), HQ images degraded with `prepare.degradations`, the tasks stratified by
+    """`per_image` patches of each image as a split (no crop flatter than `prepare.min_patch_std`):
+    ready pairs cut as they are (tasks: `task`, else "pairs"), HQ images degraded with
+    `prepare.degradations`, the tasks stratified by
     weight; the draws seeded by `seed` and `keys` (per image and for the tasks). `where`: the
     images' folder and the params key naming it, for errors."""
     size, (folder, key) = prepare.patch_size, where
@@ -58,7 +59,7 @@ def cut_split(images: list[SourceImage], per_image: int, prepare: PrepareConfig,
     gts, lqs, samples = [], [], []
     for im in images:
         for patch in cut_patches(im, seeded_rng(seed, *keys, im.name), per_image, size, prepare.lq_scale,
-                                 prepare.degradations, tasks.get(im.name)):
+                                 prepare.degradations, tasks.get(im.name), prepare.min_patch_std):
             samples.append({"id": f"{im.name}_{patch.index:04d}", "source": im.name, "task": task or patch.task,
                             "crop": list(patch.crop)})
             gts.append(patch.gt)

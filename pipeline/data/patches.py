@@ -59,6 +59,30 @@ def draw_chain(cfg: DegradationConfig, rng: np.random.Generator, first: str) -> 
     return [(n, DEGRADATIONS[n].draw_params(tasks[n].params, rng)) for n in chain]
 
 
+FLAT_TRIES = 50  # crop positions drawn before the most textured of them is kept
+
+
+def crop_position(shape: tuple[int, int], size: int, rng: np.random.Generator, grey: np.ndarray | None,
+                  min_std: float) -> tuple[int, int]:
+    """A random top-left corner of a `size` crop. A crop whose grey level (`grey`, 0..1) has a
+    standard deviation below `min_std` is drawn again: a flat crop teaches the restorer nothing,
+    and its degraded twin is so close to it (often above 50 dB) that no quality model can rank
+    the two. After FLAT_TRIES flat draws, the most textured of them is kept (an image may be
+    flat). `min_std` 0 draws once per crop."""
+    h, w = shape
+    best, best_std = (0, 0), -1.0
+    for _ in range(FLAT_TRIES):
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        if grey is None:
+            return y, x
+        std = float(grey[y:y + size, x:x + size].std())
+        if std >= min_std:
+            return y, x
+        if std > best_std:
+            best, best_std = (y, x), std
+    return best
+
+
 def area_downscale(image: np.ndarray, factor: int) -> np.ndarray:
     """uint8 (H, W, 3) -> (H / factor, W / factor, 3): the mean of each factor x factor block."""
     h, w, c = image.shape
@@ -77,12 +101,14 @@ class Patch:
 
 
 def cut_patches(image: SourceImage, rng: np.random.Generator, count: int, size: int, lq_scale: int,
-                degradations: DegradationConfig, tasks: list[str] | None = None) -> Iterator[Patch]:
-    """`count` random crops of `image` with their LQ: the pair's own LQ, or the crop degraded
-    with the chain `draw_chain` draws for `tasks[k]`; block-mean downscaled by `lq_scale`."""
-    h, w = image.gt.shape[:2]
+                degradations: DegradationConfig, tasks: list[str] | None = None,
+                min_std: float = 0.0) -> Iterator[Patch]:
+    """`count` random crops of `image` (`crop_position`: none flatter than `min_std`) with their
+    LQ: the pair's own LQ, or the crop degraded with the chain `draw_chain` draws for
+    `tasks[k]`; block-mean downscaled by `lq_scale`."""
+    grey = image.gt.mean(axis=2) / 255.0 if min_std > 0 else None
     for k in range(count):
-        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        y, x = crop_position(image.gt.shape[:2], size, rng, grey, min_std)
         gt = image.gt[y:y + size, x:x + size]
         if image.lq is not None:
             lq, chain, task = image.lq[y:y + size, x:x + size], [], "pairs"

@@ -138,7 +138,7 @@ def cut_samples(image: SourceImage, split: str, cfg: PrepareConfig, seed: int, o
     (out / split / "lq").mkdir(parents=True, exist_ok=True)
     samples = []
     patches = cut_patches(image, seeded_rng(seed, split, image.name), cfg.patches_per_image[split],
-                          cfg.patch_size, cfg.lq_scale, cfg.degradations, tasks)
+                          cfg.patch_size, cfg.lq_scale, cfg.degradations, tasks, cfg.min_patch_std)
     for patch in patches:
         sid = f"{image.name}_{patch.index:04d}"
         files = {}
