@@ -67,6 +67,14 @@ def test_workspace_check_says_run_repro_first(tmp_path, monkeypatch):
         ablation.check_workspace()
 
 
+def test_an_always_changed_source_stage_is_not_stale():
+    """`dvc status` always lists the `source` stage (always_changed); only other changes block."""
+    assert ablation.stale_stages('{"source": ["always changed"]}') == []
+    assert ablation.stale_stages("") == [] and ablation.stale_stages("{}") == []
+    changed = '{"source": ["always changed"], "sft": [{"changed deps": {"params.yaml": {"sft.steps": 5}}}]}'
+    assert ablation.stale_stages(changed) == ["sft"]
+
+
 def test_experiments_by_name_reads_exp_show_json():
     data = {"params": {}, "metrics": {"metrics/rl.json": {"data": {"seconds": 1.0}}}}
     shown = [{"rev": "workspace", "name": None, "data": data},

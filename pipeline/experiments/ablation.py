@@ -166,11 +166,18 @@ def check_workspace(params_file: Path = Path("params.yaml")) -> bytes:
         raise AblationError(f"{', '.join(untracked)} not in Git; each experiment starts from HEAD plus edits of "
                             f"tracked files: `git add {' '.join(untracked)} && git commit -m baseline` first")
     validate(load_raw(params_file), str(params_file))
-    stale = dvc("status", "--json", "--with-deps", "score").stdout.strip()
-    if stale not in ("", "{}"):
-        raise AblationError("prepare/sft/reward/score are not up to date with this workspace (`dvc status score`): "
+    stale = stale_stages(dvc("status", "--json", "--with-deps", "score").stdout)
+    if stale:
+        raise AblationError(f"{', '.join(stale)} not up to date with this workspace (`dvc status score`): "
                             "run `restorl repro` first")
     return params_file.read_bytes()
+
+
+def stale_stages(status_json: str) -> list[str]:
+    """The stages `dvc status --json` reports as changed, less those only "always changed" (the
+    `source` stage lists the image source on every run; prepare re-runs only if the list differs)."""
+    status = json.loads(status_json or "{}")
+    return sorted(stage for stage, changes in status.items() if changes != ["always changed"])
 
 
 def experiment_name(method: str, seed: int) -> str:
