@@ -222,7 +222,7 @@ def test_reward_on_two_processes_ends_with_the_weights_of_one_process_on_the_who
     one_w, two_w = (load_file(root / "checkpoints/reward/model.safetensors") for root in roots)
     diff, ref = (torch.cat([w[k].flatten() for k in one_w]) for w in ({k: one_w[k] - two_w[k] for k in one_w}, one_w))
     assert float(diff.norm() / ref.norm()) < REWARD_TOLERANCE
-    one_c, two_c = (json.loads((root / "metrics/reward.json").read_text()) for root in roots)
+    one_c, two_c = (json.loads((root / "checkpoints/reward/checks.json").read_text()) for root in roots)
     # The reward's SFT training pairs are single samples (reward.sft_sampling), whose noise makes the
     # two runs' float rounding grow: weights 6.7e-4 apart (1.8e-4 with 8-sample pairs), the val SFT
     # outputs' mean score 0.004 apart (measured on the smoke profile).

@@ -63,7 +63,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     # reward, judge, score and rl made their outputs.
     assert (tmp_path / "checkpoints/reward/model.safetensors").exists()
     assert (tmp_path / "checkpoints/judge/model.safetensors").exists()
-    assert json.loads((tmp_path / "metrics/judge.json").read_text())["patches"]["held_out"] >= 1
+    assert json.loads((tmp_path / "checkpoints/judge/sources.json").read_text())["patches"]["held_out"] >= 1
     assert json.loads((tmp_path / "metrics/reward.json").read_text())["gt_above_lq"] >= 0
     table = (tmp_path / "data/difficulty.csv").read_text().splitlines()
     assert table[0].startswith("index,id,task,reward_output,reward_gt") and len(table) == 1 + 16

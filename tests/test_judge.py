@@ -43,16 +43,18 @@ def judged(tmp_path_factory, prepared_smoke) -> tuple[Path, dict]:
 
 def test_the_judge_trains_on_its_own_images_and_checks_on_held_out_patches(judged):
     from pipeline.models.reward_model import RewardModel
+    from pipeline.rewards.checks import headline
 
     root, checks = judged
     params = smoke_params()
     RewardModel.load(root / "checkpoints/judge")  # a model evaluate can load
-    written = json.loads((root / "metrics/judge.json").read_text())
+    written = json.loads((root / "checkpoints/judge/checks.json").read_text())
     assert written == checks
     assert {"gt_above_lq", "gt_above_sft", "mean", "hack_mean", "passed"} <= set(written)
-    # smoke: 2 images x 6 patches, a fifth (2) held out, sft_samples (8) of the other 10 trained on
-    assert written["patches"] == {"train": 8, "held_out": 2}
+    assert json.loads((root / "metrics/judge.json").read_text()) == headline(checks)
     trained_on = json.loads((root / "checkpoints/judge/sources.json").read_text())
+    # smoke: 2 images x 6 patches, a fifth (2) held out, sft_samples (8) of the other 10 trained on
+    assert trained_on["patches"] == {"train": 8, "held_out": 2}
     assert trained_on["images"] == sorted(params.judge.source.images) == ["retina", "text"]
     assert not set(trained_on["images"]) & set(params.prepare.source.images)
     assert trained_on["seed"] == params.judge.seed != params.runtime.seed

@@ -125,7 +125,8 @@ def test_fresh_degradations_are_8_bit_and_differ_from_gt():
 
 
 def test_reward_stage_trains_and_reports_checks(workspace):
-    """The reward stage on the smoke profile: model, metrics with every check, an MLflow run."""
+    """The reward stage on the smoke profile: model, every check figure in its folder's
+    checks.json, the headline in metrics/reward.json."""
     import json
 
     from pipeline.stages import reward, sft
@@ -134,10 +135,14 @@ def test_reward_stage_trains_and_reports_checks(workspace):
     params = smoke_params()
     sft.run(params, workspace)
     checks = reward.run(params, workspace)
-    saved = json.loads((workspace / "metrics/reward.json").read_text())
+    saved = json.loads((workspace / "checkpoints/reward/checks.json").read_text())
     assert saved == checks
     assert set(saved["hack_mean"]) == set(HACKS)
     assert 0 <= saved["gt_above_lq"] <= 1 and isinstance(saved["passed"], bool)
+    above = sum(v > checks["mean"]["sft"] for v in checks["hack_mean"].values())
+    assert json.loads((workspace / "metrics/reward.json").read_text()) == {
+        "gt_above_lq": checks["gt_above_lq"], "gt_above_sft": checks["gt_above_sft"],
+        "hacks_above_sft": above, "passed": checks["passed"]}
     assert RewardModel.load(workspace / "checkpoints/reward")(torch.zeros(1, 3, 32, 32)).shape == (1,)
 
     # A diverging run (a learning rate far too high) stops at its first non-finite loss and
@@ -236,4 +241,13 @@ def test_reward_check_failures_name_each_failed_check():
     assert failures(ok) == []
     bad = ok | {"gt_above_sft": 0.75, "hack_mean": {"blur": -2.0, "unsharp": -0.5}}
     assert failures(bad) == ["gt_above_sft 0.750 < 0.8", "hack unsharp -0.5 above the SFT output's -1"]
+
+
+def test_the_metrics_headline_counts_the_hack_controls_above_sft():
+    from pipeline.rewards.checks import headline
+
+    checks = {"gt_above_lq": 0.9, "gt_above_sft": 0.8, "mean": {"gt": 1.0, "sft": -1.0, "lq": -3.0},
+              "hack_mean": {"blur": -2.0, "unsharp": -0.5, "dither": -0.9}, "passed": False}
+    assert headline(checks) == {"gt_above_lq": 0.9, "gt_above_sft": 0.8, "hacks_above_sft": 2, "passed": False}
+    assert headline(checks | {"hack_mean": {"blur": -1.0}})["hacks_above_sft"] == 0  # a tie is not above
 

@@ -320,8 +320,9 @@ def test_score_table_holds_rewards_fidelity_and_difficulty(models_ready):
 
 
 def test_rl_refuses_a_reward_that_failed_its_checks_unless_told(models_ready):
-    """metrics/reward.json says the reward misranks GT and LQ: rl stops before any work, naming
-    the file and the failed rate; with rl.allow_failed_reward_checks it trains and tags the run."""
+    """checkpoints/reward/checks.json says the reward misranks GT and LQ: rl stops before any
+    work, naming the file and the failed rate; with rl.allow_failed_reward_checks it trains and
+    tags the run."""
     import json
 
     from pipeline.rewards.scorers import RewardError
@@ -331,8 +332,8 @@ def test_rl_refuses_a_reward_that_failed_its_checks_unless_told(models_ready):
     paths = Paths(models_ready)
     checks = {"gt_above_lq": 0.9, "gt_above_sft": 0.85, "mean": {"gt": 1.0, "sft": 0.0, "lq": -1.0},
               "hack_mean": {"dither": -0.5, "blur": -0.2}, "passed": False}
-    (paths.metrics / "reward.json").write_text(json.dumps(checks))
-    with pytest.raises(RewardError, match=r"metrics/reward\.json: the learned reward did not pass its held-out "
+    (paths.reward_model / "checks.json").write_text(json.dumps(checks))
+    with pytest.raises(RewardError, match=r"checkpoints/reward/checks\.json: the learned reward did not pass its held-out "
                                           r"checks \(gt_above_lq 0\.900 < 0\.95\)"):
         rl.run(smoke_params(rl={"allow_failed_reward_checks": False}), models_ready)
     assert not paths.rl_model.exists() and not (paths.metrics / "rl.json").exists()
@@ -340,7 +341,7 @@ def test_rl_refuses_a_reward_that_failed_its_checks_unless_told(models_ready):
     run = MlflowClient().get_model_version_by_alias("restorer", "challenger").tags["restorl.run_id"]
     assert MlflowClient().get_run(run).data.tags["restorl.reward_checks_failed"] == "gt_above_lq 0.900 < 0.95"
     # Checks that pass let it through without a tag.
-    (paths.metrics / "reward.json").write_text(json.dumps(checks | {"gt_above_lq": 0.96, "passed": True}))
+    (paths.reward_model / "checks.json").write_text(json.dumps(checks | {"gt_above_lq": 0.96, "passed": True}))
     rl.run(smoke_params(rl={"allow_failed_reward_checks": False}), models_ready)
     run = MlflowClient().get_model_version_by_alias("restorer", "challenger").tags["restorl.run_id"]
     assert "restorl.reward_checks_failed" not in MlflowClient().get_run(run).data.tags

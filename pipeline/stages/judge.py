@@ -11,8 +11,9 @@ No-reference Image Quality Assessment", 2017) but on patches of its own source i
 prepare does with its own seed (`judge.seed`), which also draws its batches and initial weights.
 RL cannot train on it (`rl.reward` refuses the name). Its checks (GT above LQ, GT above the SFT
 output, every hack control below SFT) are measured on a held-out share of its patches
-(`judge.holdout_fraction`) and written to metrics/judge.json; checkpoints/judge holds the model
-and sources.json (the images and patch counts it was trained on). One process.
+(`judge.holdout_fraction`): every figure in checkpoints/judge/checks.json, the headline in
+metrics/judge.json; checkpoints/judge also holds the model and sources.json (the images and patch
+counts it was trained on). One process.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
+from pipeline.rewards.checks import CHECKS_FILE, headline
 from pipeline.rewards.training import fresh_degradations, reward_checks, train_reward_model
 from pipeline.storage import endpoint_url
 
@@ -66,15 +68,17 @@ def run(params: Params, root: Path = Path(".")) -> dict:
         model = train_reward_model(cfg, train, train_sft, fresh, generator, device, cfg.batch_size, "judge",
                                    paths.resume / "judge")
         checks = reward_checks(model, held_out, held_out_sft, generator)
-        checks["patches"] = {"train": len(train), "held_out": len(held_out)}
+        counts = {"train": len(train), "held_out": len(held_out)}
         mlflow.log_metrics({k: float(v) for k, v in flatten(checks).items() if not isinstance(v, bool)})
+        mlflow.log_metrics({f"patches.{k}": v for k, v in counts.items()})
         with atomic_dir(paths.judge_model) as tmp:
             model.save(tmp)
-            (tmp / SOURCES).write_text(json.dumps(trained_on(cfg, patches, checks["patches"]), indent=2))
+            (tmp / CHECKS_FILE).write_text(json.dumps(checks, indent=2))
+            (tmp / SOURCES).write_text(json.dumps(trained_on(cfg, patches, counts), indent=2))
         with atomic_file(paths.metrics / "judge.json") as tmp:
-            tmp.write_text(json.dumps(checks, indent=2))
-        mlflow.log_artifact(str(paths.metrics / "judge.json"))
-        mlflow.log_artifact(str(paths.judge_model / SOURCES))
+            tmp.write_text(json.dumps(headline(checks), indent=2))
+        for name in (CHECKS_FILE, SOURCES):
+            mlflow.log_artifact(str(paths.judge_model / name))
     print(json.dumps(checks, indent=2))
     return checks
 

@@ -5,7 +5,8 @@ pipeline/rewards/training.py trains the model from ranked pairs (GT over LQ, GT 
 output, the SFT output over its hack controls, ...; the Bradley-Terry ranking loss of RankIQA:
 Liu et al., "RankIQA: Learning from Rankings for No-reference Image Quality Assessment", 2017).
 The acceptance checks (GT above LQ, GT above the SFT output, every hack control below SFT) are
-computed on the held-out val split and written to metrics/reward.json; docs/results.md has the
+computed on the held-out val split: every figure in checkpoints/reward/checks.json, the headline
+(the two rates, how many hack controls beat SFT, passed) in metrics/reward.json; docs/results.md has the
 measurements behind this design. The `judge` stage trains a second model the same way on images
 neither this stage nor RL sees.
 """
@@ -28,6 +29,7 @@ from pipeline.device import setup_runtime
 from pipeline.models.loading import load_restorer
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
+from pipeline.rewards.checks import CHECKS_FILE, headline
 from pipeline.rewards.training import fresh_degradations, reward_checks, train_reward_model
 
 SECTIONS = ["reward"]
@@ -66,9 +68,10 @@ def _train(params: Params, paths: Paths, device: torch.device, per_rank: int) ->
         mlflow.log_metrics({k: float(v) for k, v in flatten(checks).items() if not isinstance(v, bool)})
         with atomic_dir(paths.reward_model) as tmp:
             model.save(tmp)
+            (tmp / CHECKS_FILE).write_text(json.dumps(checks, indent=2))
         with atomic_file(paths.metrics / "reward.json") as tmp:
-            tmp.write_text(json.dumps(checks, indent=2))
-        mlflow.log_artifact(str(paths.metrics / "reward.json"))
+            tmp.write_text(json.dumps(headline(checks), indent=2))
+        mlflow.log_artifact(str(paths.reward_model / CHECKS_FILE))
     print(json.dumps(checks, indent=2))
     return checks
 

@@ -73,7 +73,7 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     """Train; under a launcher (WORLD_SIZE > 1) every process runs this (module docstring)."""
     cfg, paths = params.rl, Paths(root)
     picked = parts.pick(cfg)
-    reward_failures = require_passed(paths.metrics / "reward.json", cfg.allow_failed_reward_checks) \
+    reward_failures = require_passed(paths.reward_model, cfg.allow_failed_reward_checks) \
         if "learned" in cfg.reward else []
     # Checked before any process group starts: whole groups on each rank, equal shares of each minibatch.
     distributed.per_rank_batch(cfg.images_per_epoch, "rl.images_per_epoch")
