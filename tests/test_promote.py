@@ -9,7 +9,11 @@ reward is a randomly initialised reward model of the real class in checkpoints/r
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -357,3 +361,25 @@ def test_the_registered_model_restores_as_evaluate_does_by_default(store):
     tags = MlflowClient().get_model_version(NAME, version).tags
     assert json.loads(tags["restorl.sampling"]) == params.evaluate.sampling.model_dump() | {"seed": 0}
     assert model.predict(batch, params={"steps": 1}) != pytest.approx(restored, abs=1e-4)  # params still override
+
+
+def test_registering_and_loading_a_restorer_prints_no_mlflow_advice(tmp_path):
+    """MLflow advises type hints and an input example for a pyfunc without them; the restorer's
+    signature is explicit, so defining, logging and loading it warn nothing (every stage that
+    registers or promotes printed both warnings)."""
+    script = (
+        "import mlflow, numpy as np\n"
+        "from pipeline.models.pyfunc import log_restorer\n"
+        "from pipeline.models.restorer import PixelRestorer\n"
+        "from tests.conftest import smoke_params\n"
+        "PixelRestorer.build(smoke_params().model).save_pretrained('ckpt')\n"
+        "mlflow.set_tracking_uri('sqlite:///mlflow.db')\n"
+        "with mlflow.start_run():\n"
+        "    info = log_restorer(__import__('pathlib').Path('ckpt'), 'restorer')\n"
+        "mlflow.pyfunc.load_model(info.model_uri)\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", script], cwd=tmp_path,
+                          env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for advice in ("Add type hints to the `predict` method", "An input example was not provided"):
+        assert advice not in proc.stderr

@@ -1,0 +1,1 @@
+"""Source images, degradations, patches, prepared splits and benchmark folders."""

@@ -10,6 +10,7 @@ which MLflow fills in for every parameter a caller leaves out.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -31,7 +32,9 @@ class RestorerPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = load_restorer(Path(context.artifacts["restorer"])).eval()
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray: what MLflow passes under the tensor signature (`signature`); a hint MLflow
+    # does not infer a schema from, so it stops advising one.
+    def predict(self, context, model_input: np.ndarray, params=None):
         from pipeline.seeding import batch_generator
 
         opts = {**SAMPLING_DEFAULTS, **(params or {})}
@@ -74,10 +77,12 @@ def log_restorer(checkpoint: Path, registered_model_name: str | None = None, sam
     as the defaults of its sampling params."""
     import diffusers
 
-    return mlflow.pyfunc.log_model(
-        name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
-        registered_model_name=registered_model_name, signature=signature(SAMPLING_DEFAULTS | (sampling or {})),
-        # Explicit requirements: inferring them imports and inspects the whole environment.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
-                          f"mlflow=={mlflow.__version__}", "restorl"],
-    )
+    with warnings.catch_warnings():  # MLflow advises an input example; the signature is explicit
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
+            registered_model_name=registered_model_name, signature=signature(SAMPLING_DEFAULTS | (sampling or {})),
+            # Explicit requirements: inferring them imports and inspects the whole environment.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
+                              f"mlflow=={mlflow.__version__}", "restorl"],
+        )

@@ -1,0 +1,1 @@
+"""Rewards: the learned reward's training and checks, pyiqa scorers, hack controls, realism."""

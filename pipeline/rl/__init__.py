@@ -1,0 +1,1 @@
+"""The RL loop and its parts (objectives, step credit, weighting, regularisers), picked by config."""
