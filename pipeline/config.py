@@ -329,7 +329,7 @@ class JudgeConfig(RewardConfig):
     source: SourceConfig = SourceConfig(images=["retina", "stereo_motorcycle", "page", "text"])
     patches_per_image: int = Field(400, ge=1)
     seed: int = 1  # its own draws (patches, degradations, batches, weights): not runtime.seed's
-    # Share of the judge's patches held out (a seeded draw) for its checks (metrics/judge.json).
+    # Share of the judge's patches held out (a seeded draw) for its checks (checkpoints/judge/checks.json).
     # Patches of one image may overlap, so these checks are an optimistic, sanity-level measure.
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
 
@@ -488,7 +488,7 @@ class RlConfig(Section):
     train_step_fraction: float = Field(0.35, gt=0, le=1)
     inner_epochs: int = Field(1, ge=1)
     minibatch: int = Field(16, ge=1)
-    lr: float = Field(1.5e-5, gt=0)
+    lr: float = Field(7.5e-6, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     ppo_clip: float = Field(1e-3, gt=0)
     # KL to the frozen SFT model (0: off; refl is anchored by the SFT term instead). With ppo the
@@ -502,7 +502,7 @@ class RlConfig(Section):
     # and on every task, ships.
     val_images: int = Field(48, ge=1)
     psnr_guard: float = Field(0.3, ge=0)
-    # RL refuses a learned reward that failed its held-out checks (metrics/reward.json) unless
+    # RL refuses a learned reward that failed its held-out checks (checkpoints/reward/checks.json) unless
     # this is true; an override is tagged on the RL run (restorl.reward_checks_failed). The
     # default params.yaml sets it (its reward fails on the val image `cell`; docs/results.md).
     allow_failed_reward_checks: bool = True
