@@ -187,7 +187,8 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     from pipeline.config import load_raw
     from pipeline.part_names import validate
     from pipeline.redaction import redact
-    from pipeline.stages.evaluate import format_table, merge
+    from pipeline.evaluate_record import merge
+    from pipeline.stages.evaluate import format_table
     from pipeline.storage import require_tracking_server
 
     try:

@@ -276,9 +276,6 @@ def test_read_runs_takes_the_per_task_detail_from_the_experiment_commit(monkeypa
     [run] = ablation.read_runs([("ddpo", 0, "ddpo-s0")])
     assert ("show", "e1:metrics/evaluate_detail.json") in [a[:2] for a in asked]
     assert run.evaluate == detail and run.curves == [{"epoch": 1.0, "val_reward": 0.5}]
-    from pipeline.stages import evaluate
-
-    assert ablation.merge(headline, detail) == evaluate.merge(headline, detail)  # the stage's own merge
     shown[0]["experiments"][0]["revs"][0]["rev"] = "e2"  # a commit without the detail file
     with pytest.raises(ablation.AblationError, match="no metrics/evaluate_detail.json in its commit"):
         ablation.read_runs([("ddpo", 0, "ddpo-s0")])

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.dataset import load_split
-from pipeline import scoring
+from pipeline import evaluate_record, scoring
 from pipeline.stages import evaluate
 from tests.conftest import smoke_params
 
@@ -148,7 +148,7 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     assert set(detail["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"}
     assert "per_task" not in headline["benchmarks"]["photos"] and "photos" in detail["benchmarks"]
     assert headline["benchmarks"]["photos"]["path"] == str(hq)
-    assert "Benchmark 'photos'" in evaluate.format_table(evaluate.merge(headline, detail))
+    assert "Benchmark 'photos'" in evaluate.format_table(evaluate_record.merge(headline, detail))
 
     # Ready pairs without a task name: one error naming the key, not a traceback from the model.
     unnamed = smoke_params(evaluate={"benchmarks": {"mine": {"path": str(pairs), "patches_per_image": 3}}})
@@ -177,7 +177,7 @@ def test_the_headline_keeps_sft_rl_and_their_difference_and_the_detail_everythin
     assert headline["rl_vs_sft"]["psnr"]["verdict"] == "worse"  # +0.01 everywhere: off the GT
     figures = [v for v in _leaves(headline)]
     assert len(figures) == 1 + 2 * 4 + 4 + 2  # n_test, 2 rows x 4 metrics, 4 diffs, 2 verdicts
-    assert detail == metrics and evaluate.merge(headline, detail) == metrics
+    assert detail == metrics and evaluate_record.merge(headline, detail) == metrics
     # per task: every compared row against SFT on the task's patches, realism where a task has enough
     task, rows = next(iter(metrics["per_task_vs_sft"].items()))
     assert set(rows) == {"rl", "sft_blur"} and set(rows["rl"]) >= {"psnr", "ssim", "piqe"}

@@ -52,6 +52,7 @@ from pipeline.atomic import atomic_file
 from pipeline.commands import dvc, git, run_streamed, tool, tool_env
 from pipeline.config import PROFILES_DIR, Params, flatten, load_raw, read_yaml
 from pipeline.errors import UserError
+from pipeline.evaluate_record import merge
 from pipeline.part_names import validate
 
 METHODS_DIR = PROFILES_DIR / "methods"
@@ -325,11 +326,6 @@ def read_detail(rev: str, name: str) -> dict:
         raise AblationError(f"experiment {name} ({rev[:7]}) has no {DETAIL_FILE} in its commit: its dvc.yaml must "
                             f"list it under the evaluate stage's outs with `cache: false` (restorl's does)")
     return json.loads(shown.stdout)
-
-
-def merge(headline: dict, detail: dict) -> dict:
-    """The whole evaluate record (pipeline.stages.evaluate.merge, without importing the stage)."""
-    return {k: v for k, v in headline.items() if k != "rl_vs_sft"} | detail
 
 
 def experiments_by_name(shown: list[dict], baseline: str) -> dict[str, tuple[str, dict]]:

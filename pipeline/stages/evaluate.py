@@ -189,7 +189,7 @@ def split_headline(metrics: dict) -> tuple[dict, dict]:
     benchmark. The detail (a plain DVC output) is everything: every row overall (LQ, the
     controls, GT), `higher_is_better`, `sampling`, per task, every row against SFT with its
     interval, overall (`vs_sft`) and per task (`per_task_vs_sft`), and each benchmark's. `merge`
-    gives the whole back."""
+    (pipeline/evaluate_record.py) gives the whole back."""
     headline: dict = {"n_test": metrics["n_test"],
                       "overall": {row: metrics["overall"][row] for row in HEADLINE_ROWS if row in metrics["overall"]}}
     rl = metrics.get("vs_sft", {}).get("rl")
@@ -203,11 +203,6 @@ def split_headline(metrics: dict) -> tuple[dict, dict]:
         headline["benchmarks"] = {name: h | {"path": metrics["benchmarks"][name]["path"]} for name, (h, _) in parts.items()}
         detail["benchmarks"] = {name: d for name, (_, d) in parts.items()}
     return headline, detail
-
-
-def merge(headline: dict, detail: dict) -> dict:
-    """The whole evaluate record from its two files (the detail holds everything the headline does)."""
-    return {k: v for k, v in headline.items() if k != "rl_vs_sft"} | detail
 
 
 GRID_MARGIN = 14  # px of the label strips: column names on top, task names on the left
