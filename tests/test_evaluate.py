@@ -74,6 +74,29 @@ def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_a
     assert realism.interval(noisy, noisy, g, resamples=50) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
+def test_the_realism_interval_sums_each_drawn_half_as_the_distance_does(bigger_test_split):
+    """`interval` sums all halves at once; each half's figure is the distance on that half
+    (the MMD^2 definition in `Realism._distance`), row minus SFT, over the same draws."""
+    from pipeline.rewards.realism import Realism, kernels
+
+    test = bigger_test_split
+    realism, g = Realism(test.gt, test.tasks), torch.Generator().manual_seed(3)
+    sft = (test.gt + 0.02 * torch.randn(test.gt.shape, generator=g)).clamp(-1, 1)
+    row = (0.9 * test.gt + 0.1 * test.lq_full).clamp(-1, 1)
+    interval = realism.interval(row, sft, torch.Generator().manual_seed(7), resamples=200)
+
+    draws = torch.Generator().manual_seed(7)  # the halves again, in the order interval draws them
+    k_row, k_sft = (kernels(realism.features(x), realism.gt, realism.width) for x in (row, sft))
+    diffs = []
+    for _ in range(200):
+        halves = [grp[torch.randperm(len(grp), generator=draws)[:max(2, len(grp) // 2)]] for grp in realism.groups]
+        diffs.append(realism._distance(k_row, halves) - realism._distance(k_sft, halves))
+    lo, hi = torch.quantile(torch.tensor(diffs, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert interval["diff"] == round(realism.distance(row) - realism.distance(sft), 4)
+    assert (interval["lo"], interval["hi"]) == pytest.approx((float(lo), float(hi)), abs=1e-4)
+    assert interval["hi"] - interval["lo"] > 0.01, "the halves differ, so the interval has a width"
+
+
 def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
     test = load_split(prepared_smoke / "data/prepared", "test")
     rows = evaluate.grid_rows(test.tasks, 3)

@@ -64,10 +64,8 @@ def mmd(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor, rows: torch.Ten
     """Unbiased MMD^2 between paired feature sets on `rows`, from their kernel matrices: the
     U-statistic over pairs i != j (Gretton et al.'s MMD^2_u), which also leaves out the cross
     terms k(x_i, y_i) of a patch with its own GT, so a set equal to GT scores exactly 0."""
-    sub = [k[rows][:, rows] for k in (kxx, kyy, kxy)]
     n = len(rows)
-    off = ~torch.eye(n, dtype=torch.bool)
-    return float((sub[0][off] + sub[1][off] - sub[2][off] - sub[2].T[off]).sum() / (n * (n - 1)))
+    return float(_pair_terms((kxx, kyy, kxy), rows)[~torch.eye(n, dtype=torch.bool)].sum() / (n * (n - 1)))
 
 
 MIN_TASK_PATCHES = 4  # a task with fewer patches is left out (each half needs 2); none left: pooled
@@ -111,13 +109,30 @@ class Realism:
         """The distance of images `row` minus SFT's images', and the 2.5 / 97.5 % points of that
         difference over random halves of each task's patches (the same halves for both).
         Halves, not resamples with replacement: a repeated patch would count as its own
-        neighbour in the kernel sums; halves make the interval wider than a bootstrap's."""
+        neighbour in the kernel sums; halves make the interval wider than a bootstrap's.
+
+        The halves of a group are summed all at once: with a half as a 0/1 vector h and the
+        group's matrix M of row minus SFT (`_pair_terms`), its pairs i != j sum to
+        h^T M h - sum_i h_i M_ii."""
         k_row, k_sft = (kernels(self.features(x), self.gt, self.width) for x in (row, sft))
-        diffs = []
-        for _ in range(resamples):
-            halves = [g[torch.randperm(len(g), generator=generator)[:max(2, len(g) // 2)]] for g in self.groups]
-            diffs.append(self._distance(k_row, halves) - self._distance(k_sft, halves))
-        lo, hi = torch.quantile(torch.tensor(diffs, dtype=torch.float64),
-                                torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        sizes = [max(2, len(g) // 2) for g in self.groups]
+        picks = [[] for _ in self.groups]
+        for _ in range(resamples):  # drawn resample by resample, group by group
+            for g, group in enumerate(self.groups):
+                picks[g].append(torch.randperm(len(group), generator=generator)[:sizes[g]])
+        diffs = torch.zeros(resamples, dtype=torch.float64)
+        for group, size, chosen in zip(self.groups, sizes, picks):
+            halves = torch.zeros(resamples, len(group), dtype=torch.float64).scatter_(1, torch.stack(chosen), 1.0)
+            m = _pair_terms(k_row, group) - _pair_terms(k_sft, group)
+            diffs += (((halves @ m) * halves).sum(1) - halves @ m.diagonal()) / (size * (size - 1))
+        diffs *= self.SCALE / len(self.groups)
+        lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         diff = self._distance(k_row, self.groups) - self._distance(k_sft, self.groups)
         return {"diff": round(diff, 4), "lo": round(lo, 4), "hi": round(hi, 4)}
+
+
+def _pair_terms(k: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
+    """M[i, j] = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i) on `rows`: the MMD^2_u of
+    a subset of them is the sum of M over its pairs i != j, over n (n - 1) (`mmd`)."""
+    kxx, kyy, kxy = (m[rows][:, rows] for m in k)
+    return kxx + kyy - kxy - kxy.T
