@@ -364,9 +364,9 @@ def test_the_registered_model_restores_as_evaluate_does_by_default(store):
 
 
 def test_registering_and_loading_a_restorer_prints_no_mlflow_advice(tmp_path):
-    """MLflow advises type hints and an input example for a pyfunc without them; the restorer's
-    signature is explicit, so defining, logging and loading it warn nothing (every stage that
-    registers or promotes printed both warnings)."""
+    """MLflow advises type hints and an input example for a pyfunc without them, and warns that
+    a pyfunc object is pickled with CloudPickle; the restorer's signature is explicit and it is
+    logged from code, so defining, logging and loading it warn nothing."""
     script = (
         "import mlflow, numpy as np\n"
         "from pipeline.models.pyfunc import log_restorer\n"
@@ -381,5 +381,5 @@ def test_registering_and_loading_a_restorer_prints_no_mlflow_advice(tmp_path):
                           env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for advice in ("Add type hints to the `predict` method", "An input example was not provided"):
+    for advice in ("Add type hints to the `predict` method", "An input example was not provided", "CloudPickle"):
         assert advice not in proc.stderr

@@ -2,7 +2,8 @@
 
 MLflow 3's default PyTorch serialisation (torch.export) does not survive a sampler with Python
 control flow, so the registered model is the diffusers folder behind a small pyfunc wrapper:
-`mlflow.pyfunc.load_model("models:/restorer@champion").predict(batch)` restores images.
+`mlflow.pyfunc.load_model("models:/restorer@champion").predict(batch)` restores images. The
+model is logged from code (pipeline/models/pyfunc_model.py), not pickled.
 Its default sampling is the one the model was evaluated and promoted with (`evaluate.sampling`
 and `runtime.seed` of the run that registered it): the defaults of the signature's params,
 which MLflow fills in for every parameter a caller leaves out.
@@ -72,6 +73,9 @@ def signature(defaults: dict):
          for name, value in defaults.items()]))
 
 
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # builds the RestorerPyfunc MLflow loads
+
+
 def log_restorer(checkpoint: Path, registered_model_name: str | None = None, sampling: dict | None = None):
     """Log `checkpoint` with `sampling` (steps, eta, samples, seed: what it was evaluated with)
     as the defaults of its sampling params."""
@@ -80,7 +84,9 @@ def log_restorer(checkpoint: Path, registered_model_name: str | None = None, sam
     with warnings.catch_warnings():  # MLflow advises an input example; the signature is explicit
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         return mlflow.pyfunc.log_model(
-            name="restorer", python_model=RestorerPyfunc(), artifacts={"restorer": str(checkpoint)},
+            # Models from code: MLflow stores MODEL_CODE and runs it at load time, instead of
+            # pickling the object with CloudPickle (which runs arbitrary code when unpickled).
+            name="restorer", python_model=str(MODEL_CODE), artifacts={"restorer": str(checkpoint)},
             registered_model_name=registered_model_name, signature=signature(SAMPLING_DEFAULTS | (sampling or {})),
             # Explicit requirements: inferring them imports and inspects the whole environment.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"diffusers=={diffusers.__version__}",
