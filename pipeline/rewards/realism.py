@@ -38,8 +38,16 @@ def _haar(y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return (a + b + c + d) / 2, [(a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2]
 
 
+# The columns of `statistics`, by what they measure (bench/realism_controls.py scores each alone).
+STATISTIC_GROUPS = {"haar_level1": range(0, 6), "haar_level2": range(6, 12),
+                    "gradient_histogram": range(12, 12 + len(GRADIENT_BINS)),
+                    "colour": range(12 + len(GRADIENT_BINS), 18 + len(GRADIENT_BINS))}
+
+
 def statistics(images: torch.Tensor) -> torch.Tensor:
-    """(N, 28) statistics of (N, 3, H, W) images in [-1, 1] (H and W even)."""
+    """(N, 26) statistics of (N, 3, H, W) images in [-1, 1] (H and W even), in the order of
+    STATISTIC_GROUPS: per Haar level, the log mean and log spread of |LH|, |HL|, |HH|; the
+    gradient-magnitude histogram; the RGB means and spreads."""
     y = _luma(images)
     stats = []
     approx = y
@@ -72,7 +80,7 @@ MIN_TASK_PATCHES = 4  # a task with fewer patches is left out (each half needs 2
 
 
 def _statistics(x: torch.Tensor) -> torch.Tensor:
-    """Images (N, 3, H, W) as their `statistics`; (N, 28) statistics as they are (a split scored
+    """Images (N, 3, H, W) as their `statistics`; (N, 26) statistics as they are (a split scored
     batch by batch keeps only these)."""
     return statistics(x) if x.dim() == 4 else x
 
