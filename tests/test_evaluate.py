@@ -97,6 +97,15 @@ def test_the_realism_interval_sums_each_drawn_half_as_the_distance_does(bigger_t
     assert interval["hi"] - interval["lo"] > 0.01, "the halves differ, so the interval has a width"
 
 
+def test_the_statistic_groups_name_every_realism_column_once():
+    """bench/realism_controls.py scores each group alone: together they are all the statistics."""
+    from pipeline.rewards.realism import STATISTIC_GROUPS, statistics
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    columns = sorted(i for group in STATISTIC_GROUPS.values() for i in group)
+    assert columns == list(range(statistics(images).shape[1]))
+
+
 def test_the_grid_names_its_columns_and_rows(prepared_smoke, tmp_path):
     test = load_split(prepared_smoke / "data/prepared", "test")
     rows = evaluate.grid_rows(test.tasks, 3)
