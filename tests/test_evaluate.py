@@ -177,7 +177,10 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     headline = json.loads((root / "metrics/evaluate.json").read_text())
     detail = json.loads((root / "metrics/evaluate_detail.json").read_text())
     assert set(headline["benchmarks"]["photos"]["overall"]) == {"sft"}  # no RL checkpoint here
-    assert set(detail["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"}
+    controls = {"sft_dither", "sft_unsharp", "sft_blur", "sft_contrast"}  # read against the same controls
+    assert set(detail["benchmarks"]["photos"]["overall"]) == {"lq", "sft", "gt"} | controls
+    assert set(detail["benchmarks"]["photos"]["vs_sft"]) == controls
+    assert block["vs_sft"]["sft_dither"]["psnr"]["hi"] < 0  # added noise: worse than SFT with confidence
     assert "per_task" not in headline["benchmarks"]["photos"] and "photos" in detail["benchmarks"]
     assert headline["benchmarks"]["photos"]["path"] == str(hq)
     assert "Benchmark 'photos'" in evaluate.format_table(evaluate_record.merge(headline, detail))

@@ -157,8 +157,10 @@ def save_frontier(path: Path, points: list[dict]) -> None:
 
 
 def score_benchmark(name: str, models: dict[str, Restorer], params: Params, judges: Judges) -> dict | None:
-    """LQ, each model and GT on one benchmark folder (`evaluate.benchmarks`), as for the test
-    split (its patches are cut in memory; scored batch by batch); None on the other processes."""
+    """LQ, each model, the hack controls on SFT's output and GT on one benchmark folder
+    (`evaluate.benchmarks`), as for the test split: a gain on a user's own images is read
+    against the same controls (its patches are cut in memory; scored batch by batch); None on
+    the other processes."""
     from pipeline.storage import endpoint_url
 
     bench = params.evaluate.benchmarks[name]
@@ -169,7 +171,7 @@ def score_benchmark(name: str, models: dict[str, Restorer], params: Params, judg
             raise DataError(f"evaluate.benchmarks.{name}: task(s) {unknown} unknown to the restorer, which knows "
                             f"{model.tasks}" + ("; set evaluate.benchmarks." + name + ".task to the degradation "
                                                 "its pairs show" if unknown == ["pairs"] else ""))
-    scored = score_split(data, models, [params.evaluate.sampling], judges, params)
+    scored = score_split(data, models, [params.evaluate.sampling], judges, params, controls=True)
     if scored is None:
         return None
     return summarise(scored, data.tasks, judges, params.runtime.seed) | {"path": redact(bench.path)}
