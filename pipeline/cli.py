@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import typer
@@ -20,10 +21,16 @@ ProfileOpt = typer.Option(None, "--profile", help="a shipped profile (smoke, qua
 USER_ERRORS = (UserError, FileNotFoundError)
 
 
-def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], many_processes: bool = False) -> None:
-    """Load and validate the params, check the tracking server, run the stage (which checks
-    the part names it uses before any work). `many_processes`: the stage runs under a launcher
+def _run_stage(name: str, params_file: Path, profile: Optional[str], many_processes: bool = False,
+               report: Optional[Callable[[ModuleType, object], str]] = None) -> None:
+    """Load and validate the params, check the tracking server, then import the stage module
+    `pipeline.stages.<name>` and run it (it checks the part names it uses before any work);
+    `report(stage, result)`, if given, is printed after. The stage is imported last: its imports
+    (torch, diffusers, MLflow) take seconds, and a bad setting or an unreachable server is
+    reported before them. `many_processes`: the stage runs under a launcher
     (docs/distributed.md); any other stage started by one is refused."""
+    import importlib
+
     from pipeline.config import load_params
     from pipeline.distributed import is_main, world_size
     from pipeline.storage import require_tracking_server
@@ -33,8 +40,6 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], many_
         if many_processes:
             _relaunch_per_process(params_file, profile)
         if world_size() > 1 and not many_processes:
-            name = stage.__module__.removeprefix("pipeline.stages.") if stage.__module__.startswith(
-                "pipeline.stages.") else "this stage"
             raise UserError(f"{name} runs as one process (only sft, reward, rl and evaluate run on many); start it without "
                             f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
@@ -44,9 +49,12 @@ def _run_stage(stage: Callable, params_file: Path, profile: Optional[str], many_
         if is_main():
             require_tracking_server(tracking_uri(cfg))
             configure(cfg)
-        stage(cfg)
+        stage = importlib.import_module(f"pipeline.stages.{name}")
+        result = stage.run(cfg)
     except USER_ERRORS as err:
         _fail(err)
+    if report:
+        typer.echo(report(stage, result))
 
 
 PROCESSES_ENV = "RESTORL_PROCESSES"
@@ -95,65 +103,49 @@ def _fail(err: Exception) -> None:
 @app.command()
 def source(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """List the source images prepare reads, with checksums (data/source.json)."""
-    from pipeline.stages import source as stage
-
-    _run_stage(stage.run, params, profile)
+    _run_stage("source", params, profile)
 
 
 @app.command()
 def prepare(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Cut HQ patches and make their degraded LQ twins (data/prepared)."""
-    from pipeline.stages import prepare as stage
-
-    _run_stage(stage.run, params, profile)
+    _run_stage("prepare", params, profile)
 
 
 @app.command()
 def sft(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Train the diffusion restorer with the denoising loss (checkpoints/sft)."""
-    from pipeline.stages import sft as stage
-
-    _run_stage(stage.run, params, profile, many_processes=True)
+    _run_stage("sft", params, profile, many_processes=True)
 
 
 @app.command()
 def evaluate(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Restore the test split and score it (metrics/evaluate.json, plots/)."""
-    from pipeline.stages import evaluate as stage
-
-    _run_stage(stage.run, params, profile, many_processes=True)
+    _run_stage("evaluate", params, profile, many_processes=True)
 
 
 @app.command()
 def reward(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Train the learned no-reference reward model (checkpoints/reward, metrics/reward.json)."""
-    from pipeline.stages import reward as stage
-
-    _run_stage(stage.run, params, profile, many_processes=True)
+    _run_stage("reward", params, profile, many_processes=True)
 
 
 @app.command()
 def judge(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Train the held-out judge on images prepare never uses (checkpoints/judge, metrics/judge.json)."""
-    from pipeline.stages import judge as stage
-
-    _run_stage(stage.run, params, profile)
+    _run_stage("judge", params, profile)
 
 
 @app.command()
 def score(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Score training samples' difficulty under the SFT model (data/difficulty.csv, plots/)."""
-    from pipeline.stages import score as stage
-
-    _run_stage(stage.run, params, profile)
+    _run_stage("score", params, profile)
 
 
 @app.command()
 def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Difficulty-adaptive RL fine-tuning of the SFT model from the reward (checkpoints/rl)."""
-    from pipeline.stages import rl as stage
-
-    _run_stage(stage.run, params, profile, many_processes=True)
+    _run_stage("rl", params, profile, many_processes=True)
 
 
 @app.command("params")
@@ -185,10 +177,9 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
     from pipeline import tracking
     from pipeline.commands import run_streamed, tool, tool_env
     from pipeline.config import load_raw
+    from pipeline.evaluate_record import format_table, merge
     from pipeline.part_names import validate
     from pipeline.redaction import redact
-    from pipeline.evaluate_record import merge
-    from pipeline.stages.evaluate import format_table
     from pipeline.storage import require_tracking_server
 
     try:
@@ -223,13 +214,8 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
 @app.command()
 def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Promote the `challenger` model version to `champion` if it beats it on the test split."""
-    from pipeline.stages import promote as stage
-
-    def run(cfg):
-        typer.echo(stage.format_decision(stage.run(cfg)))
-
     # A refusal for lack of figures is an error (exit 2); a refused challenger is a decision (exit 0).
-    _run_stage(run, params, profile)
+    _run_stage("promote", params, profile, report=lambda stage, decision: stage.format_decision(decision))
 
 
 @app.command()

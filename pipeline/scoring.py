@@ -221,9 +221,3 @@ def paired_interval(row: torch.Tensor, sft: torch.Tensor, generator: torch.Gener
     idx = torch.randint(0, len(diff), (resamples, len(diff)), generator=generator)
     lo, hi = torch.quantile(diff[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"diff": round(float(diff.mean()), 4), "lo": round(lo, 4), "hi": round(hi, 4)}
-
-
-def verdict(interval: dict[str, float], higher_is_better: bool) -> str:
-    """better | worse | unclear: whether the interval clears zero, read in the metric's direction."""
-    lo, hi = (interval["lo"], interval["hi"]) if higher_is_better else (-interval["hi"], -interval["lo"])
-    return "better" if lo > 0 else "worse" if hi < 0 else "unclear"

@@ -1,7 +1,8 @@
 """The files of this package that a stage's command runs: `restorl <stage>` is pipeline/cli.py
-(its module-level imports and those of `_run_stage`, which every stage command goes through)
-plus the stage module and, transitively, every module of the package they import — at module
-level or inside a function (a lazy import runs too), but not under `if TYPE_CHECKING:`.
+(its module-level imports and those of `_run_stage`, which every stage command goes through and
+which imports the stage module by name) plus the stage module and, transitively, every module
+of the package they import — at module level or inside a function (a lazy import runs too), but
+not under `if TYPE_CHECKING:`.
 
 Two things depend on it: tests/test_dvc_deps.py checks that dvc.yaml lists these files as each
 stage's deps (so `dvc repro` re-runs a stage whose code changed), and the resume fingerprint of

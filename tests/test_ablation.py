@@ -15,7 +15,7 @@ import yaml
 from pipeline.config import PROFILES_DIR, deep_merge, read_yaml, validate
 from pipeline.data.dataset import PairedSplit
 from pipeline.experiments import ablation
-from pipeline import scoring
+from pipeline import evaluate_record, scoring
 from pipeline.scoring import score_outputs
 from pipeline.stages.rl import write_curves
 from tests.conftest import BIN, REPO, run_tool, smoke_raw, write_params
@@ -142,7 +142,7 @@ def test_interval_table_shows_every_seeds_interval_and_the_controls(tmp_path):
     assert ["CoCA (DDPO + CoCA credit)", "1", shown] == rows[4][:2] + [rows[4][3]]
     mean = next(r for r in rows if r[:2] == ["**CoCA (DDPO + CoCA credit)**", "mean"])
     judges = [r.evaluate["vs_sft"]["rl"]["judge"] for r in runs if r.method == "coca"]
-    said = [scoring.verdict(f, True) for f in judges]
+    said = [evaluate_record.verdict(f, True) for f in judges]
     assert mean[3] == (f"{ablation.mean_std([f['diff'] for f in judges], '+.3f')} "
                        f"({said[0]} 2/2)" if said[0] == said[1] else mean[3])
     dither = runs[0].evaluate["vs_sft"]["sft_dither"]["psnr"]

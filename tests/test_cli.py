@@ -101,3 +101,39 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, change, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
+
+
+# Runs `restorl <stage>` in this interpreter and reports what it had imported when it stopped.
+IMPORTED_AT_EXIT = """
+import sys
+from pipeline.cli import main
+sys.argv = ["restorl", sys.argv[1]]
+try:
+    main()
+except SystemExit as stop:
+    heavy = sorted(m for m in ("diffusers", "pyiqa", "pipeline.stages." + sys.argv[1]) if m in sys.modules)
+    print("exit", stop.code, "imported", heavy or "none")
+"""
+
+
+@pytest.mark.parametrize("stage, bad, message", [
+    ("sft", {"model": {"block_out_channels": [12, 16, 16]}}, "model: block_out_channels [12]"),
+    ("promote", "deleted experiment", "MLflow experiment 'restorl' (tracking.experiment) is deleted"),
+    ("repro", {"model": {"block_out_channels": [12, 16, 16]}}, "model: block_out_channels [12]"),
+])
+def test_bad_settings_are_reported_before_the_stage_is_imported(tmp_path, stage, bad, message):
+    """A stage command checks its params and the tracking server before it imports the stage
+    module (torch, diffusers and the stage's parts: seconds of start-up), so a typo or a dead
+    server is reported at once; `restorl repro` checks every stage's params without importing any."""
+    from pipeline.config import deep_merge
+
+    if bad == "deleted experiment":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client.delete_experiment(client.create_experiment("restorl"))
+        bad = {}
+    write_params(tmp_path, deep_merge(smoke_raw(), bad))
+    proc = run_tool([str(BIN / "python"), "-c", IMPORTED_AT_EXIT, stage], tmp_path, check=False)
+    assert proc.stdout.split() == ["exit", "2", "imported", "none"], proc.stdout + proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -19,11 +19,11 @@ def test_the_interval_is_paired_and_read_in_the_metrics_direction():
     better = sft + 0.1 + 0.01 * torch.randn(64, generator=g)  # ...the row beats SFT on each one
     interval = scoring.paired_interval(better, sft, g)
     assert 0.09 < interval["lo"] < interval["diff"] < interval["hi"] < 0.11
-    assert scoring.verdict(interval, higher_is_better=True) == "better"
-    assert scoring.verdict(interval, higher_is_better=False) == "worse"  # e.g. GMSD, lower is better
+    assert evaluate_record.verdict(interval, higher_is_better=True) == "better"
+    assert evaluate_record.verdict(interval, higher_is_better=False) == "worse"  # e.g. GMSD, lower is better
     # Unpaired, the spread of the patches would hide a 0.1 gain; zero-mean noise is unclear.
     noise = sft + torch.randn(64, generator=g)
-    assert scoring.verdict(scoring.paired_interval(noise - (noise - sft).mean(), sft, g), True) == "unclear"
+    assert evaluate_record.verdict(scoring.paired_interval(noise - (noise - sft).mean(), sft, g), True) == "unclear"
     assert scoring.paired_interval(sft + 2, sft, g) == {"diff": 2.0, "lo": 2.0, "hi": 2.0}
 
 
@@ -37,7 +37,7 @@ def test_every_row_but_lq_sft_and_gt_is_judged_against_sft(prepared_smoke):
     assert metrics["higher_is_better"]["realism"] is False and "realism" in metrics["overall"]["sft_blur"]
     mean_gap = metrics["overall"]["rl"]["psnr"] - metrics["overall"]["sft"]["psnr"]
     assert metrics["vs_sft"]["rl"]["psnr"]["diff"] == pytest.approx(mean_gap, abs=2e-4)
-    table = evaluate.format_table(metrics)
+    table = evaluate_record.format_table(metrics)
     assert "  rl            psnr " in table and " worse;" in table
     assert metrics["higher_is_better"]["gmsd"] is False
 
@@ -69,7 +69,7 @@ def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_a
     # Noise of 4 grey levels: PSNR-wise small (about 36 dB), as a distribution plainly not GT.
     noisy = (test.gt + 0.03 * torch.randn(test.gt.shape, generator=g)).clamp(-1, 1)
     interval = realism.interval(noisy, test.gt, g, resamples=300)
-    assert interval["lo"] > 0 and scoring.verdict(interval, higher_is_better=False) == "worse"
+    assert interval["lo"] > 0 and evaluate_record.verdict(interval, higher_is_better=False) == "worse"
     # Paired: the same images as SFT differ by exactly 0 on every half.
     assert realism.interval(noisy, noisy, g, resamples=50) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
@@ -183,7 +183,7 @@ def test_benchmark_folders_are_scored_beside_the_test_split(identity_models, tmp
     assert block["vs_sft"]["sft_dither"]["psnr"]["hi"] < 0  # added noise: worse than SFT with confidence
     assert "per_task" not in headline["benchmarks"]["photos"] and "photos" in detail["benchmarks"]
     assert headline["benchmarks"]["photos"]["path"] == str(hq)
-    assert "Benchmark 'photos'" in evaluate.format_table(evaluate_record.merge(headline, detail))
+    assert "Benchmark 'photos'" in evaluate_record.format_table(evaluate_record.merge(headline, detail))
 
     # Ready pairs without a task name: one error naming the key, not a traceback from the model.
     unnamed = smoke_params(evaluate={"benchmarks": {"mine": {"path": str(pairs), "patches_per_image": 3}}})
@@ -208,7 +208,7 @@ def test_the_headline_keeps_sft_rl_and_their_difference_and_the_detail_everythin
     assert headline["rl_vs_sft"]["ssim"] == {"diff": rl["ssim"]["diff"]}
     for m in ("psnr", "realism"):  # a verdict only for the metrics the bar of "RL improves" reads
         assert headline["rl_vs_sft"][m] == {"diff": rl[m]["diff"],
-                                            "verdict": scoring.verdict(rl[m], metrics["higher_is_better"][m])}
+                                            "verdict": evaluate_record.verdict(rl[m], metrics["higher_is_better"][m])}
     assert headline["rl_vs_sft"]["psnr"]["verdict"] == "worse"  # +0.01 everywhere: off the GT
     figures = [v for v in _leaves(headline)]
     assert len(figures) == 1 + 2 * 4 + 4 + 2  # n_test, 2 rows x 4 metrics, 4 diffs, 2 verdicts

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from pipeline.config import ConfigError
 from pipeline.data.dataset import load_split
 from pipeline.data.sources import DataError
+from pipeline.evaluate_record import format_table
 from pipeline.models.restorer import PixelRestorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.part_names import validate
@@ -379,7 +380,7 @@ def test_evaluate_reports_rl_and_hack_controls(models_ready):
     # Same weights, same seed: RL equals SFT; the controls differ from it.
     assert metrics["overall"]["rl"] == metrics["overall"]["sft"]
     assert metrics["overall"]["sft_blur"]["psnr"] != metrics["overall"]["sft"]["psnr"]
-    table = evaluate.format_table(metrics)
+    table = format_table(metrics)
     assert "sft_contrast" in table and "reward↑" in table
     # The perception-distortion picture: SFT and RL at `sampling` and at each frontier setting,
     # the controls at `sampling`; the points at `sampling` are the table's own figures.

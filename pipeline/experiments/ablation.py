@@ -53,6 +53,7 @@ from pipeline.commands import dvc, git, run_streamed, tool, tool_env
 from pipeline.config import PROFILES_DIR, Params, flatten, load_raw, read_yaml
 from pipeline.errors import UserError
 from pipeline.evaluate_record import merge
+from pipeline.evaluate_record import verdict as interval_verdict
 from pipeline.part_names import validate
 
 METHODS_DIR = PROFILES_DIR / "methods"
@@ -375,16 +376,9 @@ def interval_text(f: dict, fmt: str) -> str:
     return f"{f['diff']:+{fmt}} [{f['lo']:+{fmt}}, {f['hi']:+{fmt}}]"
 
 
-def scoring_verdict(interval: dict, up: bool) -> str:
-    """better | worse | unclear (pipeline.scoring.verdict, imported when needed)."""
-    from pipeline.scoring import verdict as read
-
-    return read(interval, up)
-
-
 def verdict_counts(intervals: list[dict], up: bool) -> str:
     """How the seeds' intervals against SFT read: `better 3/3`, `better 2/3, unclear 1/3`, ..."""
-    said = [scoring_verdict(f, up) for f in intervals]
+    said = [interval_verdict(f, up) for f in intervals]
     return ", ".join(f"{v} {said.count(v)}/{len(said)}" for v in ("better", "unclear", "worse") if v in said)
 
 
@@ -414,7 +408,7 @@ def verdict(group: list[Run], flipped: list[Run]) -> str:
         theirs = [gain(r.evaluate["vs_sft"]["rl"][m], up) for r in flipped if m in r.evaluate["vs_sft"]["rl"]]
         if theirs and mine <= _stats(theirs)[0]:
             reasons.append(f"{m} gain {mine:+.3g} within the flipped run")
-        unsure = [r.seed for r in group if scoring_verdict(r.evaluate["vs_sft"]["rl"][m], up) != "better"]
+        unsure = [r.seed for r in group if interval_verdict(r.evaluate["vs_sft"]["rl"][m], up) != "better"]
         if unsure:
             reasons.append(f"{m} interval not above 0 (seed {', '.join(map(str, unsure))})")
     # rounded to evaluate's 4 decimals, so that a loss of 0.1 dB is 0.1, not 0.1000000000000014
@@ -502,7 +496,7 @@ def intervals_table(runs: list[Run]) -> str:
     for row, label in _controls(first)[1:]:
         f = first["vs_sft"][row]
         lines.append(_line([label, "–"] + [f"{interval_text(f[m], DIFF_FORMATS[m])} "
-                                           f"{scoring_verdict(f[m], higher_is_better(first, m))}" if m in f else "–"
+                                           f"{interval_verdict(f[m], higher_is_better(first, m))}" if m in f else "–"
                                            for m, _, _ in metrics]))
     return "\n".join(lines)
 
@@ -531,7 +525,7 @@ def task_table(runs: list[Run]) -> str:
         for row, label in _controls(first)[1:]:
             f = controls.get(row, {})
             lines.append(_line([task, n, label] + [f"{interval_text(f[m], DIFF_FORMATS[m])} "
-                                                   f"{scoring_verdict(f[m], higher_is_better(first, m))}"
+                                                   f"{interval_verdict(f[m], higher_is_better(first, m))}"
                                                    if m in f else "–" for m, _ in metrics]))
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from pipeline.data.benchmarks import load_benchmark
 from pipeline.data.dataset import PatchPairs
 from pipeline.data.sources import DataError
 from pipeline.device import setup_runtime
+from pipeline.evaluate_record import format_table, verdict
 from pipeline.models.loading import load_restorer
 from pipeline.models.restorer import Restorer
 from pipeline.paths import Paths
@@ -48,7 +49,7 @@ from pipeline.redaction import redact
 from pipeline.rewards import iqa
 from pipeline.rewards.realism import Realism
 from pipeline.rewards.scorers import build_reward
-from pipeline.scoring import REALISM, Judges, Scored, score_split, summarise, verdict
+from pipeline.scoring import REALISM, Judges, Scored, score_split, summarise
 from pipeline.storage import pyiqa_cache_dir
 
 SECTIONS = ["evaluate"]
@@ -250,25 +251,3 @@ def save_grid(path: Path, columns: dict[str, torch.Tensor], tasks: list[str], zo
             draw.text((left + 2, top), f"{db:.1f}", fill="white")
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
-
-
-def format_table(metrics: dict) -> str:
-    """Plain-text table: one line per (task, row), one column per metric."""
-    names = list(metrics["higher_is_better"])
-    arrows = {m: "↑" if up else "↓" for m, up in metrics["higher_is_better"].items()}
-    header = f"{'task':<16}{'n':>5}  {'output':<14}" + "".join(f"{m + arrows[m]:>10}" for m in names)
-    lines = [header, "-" * len(header)]
-    blocks = [("overall", {"n": metrics["n_test"], **metrics["overall"]})] + list(metrics.get("per_task", {}).items())
-    for task, block in blocks:
-        for row, scores in ((k, v) for k, v in block.items() if k != "n"):
-            cells = "".join(f"{scores[m]:>10.3f}" if m in scores else f"{'':>10}" for m in names)
-            lines.append(f"{task:<16}{block['n']:>5}  {row:<14}{cells}")
-    if metrics.get("vs_sft"):
-        lines += ["", "Against SFT on the same patches: mean difference [95 % bootstrap interval] and verdict"]
-        for row, figures in metrics["vs_sft"].items():
-            cells = [f"{m} {f['diff']:+.4g} [{f['lo']:+.4g}, {f['hi']:+.4g}] "
-                     f"{verdict(f, metrics['higher_is_better'][m])}" for m, f in figures.items()]
-            lines.append(f"  {row:<14}" + ";  ".join(cells))
-    for name, block in metrics.get("benchmarks", {}).items():
-        lines += ["", f"Benchmark '{name}' ({block['path']}):", format_table(block)]
-    return "\n".join(lines)
