@@ -4,6 +4,9 @@ which imports the stage module by name) plus the stage module and, transitively,
 of the package they import — at module level or inside a function (a lazy import runs too), but
 not under `if TYPE_CHECKING:`.
 
+A module this package hands to another program to run by path, not by import, counts as
+imported by the module that hands it over (`RUN_BY_PATH`).
+
 Two things depend on it: tests/test_dvc_deps.py checks that dvc.yaml lists these files as each
 stage's deps (so `dvc repro` re-runs a stage whose code changed), and the resume fingerprint of
 sft and rl hashes them (so a re-run after a code change never resumes the old code's state).
@@ -18,6 +21,9 @@ from pipeline.checkpoint import file_hash
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds pipeline/
 PACKAGES = ("pipeline", "flows")
+# Module -> modules it has another program run by path: MLflow logs pipeline/models/pyfunc_model.py
+# with every registered restorer (pipeline.models.pyfunc.MODEL_CODE) and runs it to load one.
+RUN_BY_PATH = {"pipeline.models.pyfunc": ["pipeline.models.pyfunc_model"]}
 
 
 def module_file(name: str, root: Path = PACKAGE_ROOT) -> Path | None:
@@ -59,8 +65,9 @@ def imported_modules(tree: ast.AST, package: str) -> set[str]:
 
 
 def closure(modules: set[str], root: Path = PACKAGE_ROOT) -> set[Path]:
-    """The files of `modules` and of everything they import within this repository, with the
-    `__init__.py` of every package on the way (Python runs those too)."""
+    """The files of `modules` and of everything they import within this repository (or have run
+    by path: `RUN_BY_PATH`), with the `__init__.py` of every package on the way (Python runs
+    those too)."""
     seen: set[Path] = set()
     todo = list(modules)
     while todo:
@@ -72,6 +79,7 @@ def closure(modules: set[str], root: Path = PACKAGE_ROOT) -> set[Path]:
             seen.add(path)
             package = ".".join(parts[:i]) if path.name == "__init__.py" else ".".join(parts[:i - 1])
             todo += imported_modules(ast.parse(path.read_text()), package)
+            todo += RUN_BY_PATH.get(".".join(parts[:i]), [])
     return seen
 
 

@@ -75,3 +75,14 @@ def test_stage_code_is_what_the_stage_needs(stage):
                                                   "promote")}
     assert files & others == {f"pipeline/stages/{stage}.py"}
     assert not any(f.startswith(("pipeline/experiments", "flows/")) for f in files)
+
+
+def test_the_model_code_mlflow_runs_is_a_dep_of_the_stages_that_register_it():
+    """MLflow runs pipeline/models/pyfunc_model.py by path (no import names it): a change to it
+    must still re-run the stages that log a restorer with it."""
+    from pipeline.models.pyfunc import MODEL_CODE
+    from pipeline.stage_code import RUN_BY_PATH
+
+    assert MODEL_CODE.resolve() == REPO / Path(*RUN_BY_PATH["pipeline.models.pyfunc"][0].split(".")).with_suffix(".py")
+    for stage in ("sft", "rl"):
+        assert MODEL_CODE.resolve() in stage_code(stage), stage
