@@ -61,7 +61,7 @@ class Judges:
 @dataclass
 class Scored:
     """Per-patch figures of a split, in row order: `per_image[row][metric]` (N,) for each output
-    row and GT (no-reference only), realism `statistics[row]` (N, 26), the perception-distortion
+    row and GT (no-reference only), realism `statistics[row]` (N, 24), the perception-distortion
     figures `points[(series, setting)]` (PSNR, scorers, statistics), and the images of the kept
     rows (`shown[row]`: LQ, each model, GT)."""
 

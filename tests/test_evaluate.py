@@ -74,6 +74,24 @@ def test_realism_orders_the_controls_and_sees_noise_the_paired_metrics_average_a
     assert realism.interval(noisy, noisy, g, resamples=50) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
 
+def test_an_invisible_dither_hardly_moves_realism_on_flat_images(tmp_path):
+    """On `coins` and `cell` (grey photo, flat microscopy: much of them within a few grey levels)
+    a 1/255 dither, which nobody can see, moves GT's realism by under a tenth of what a 3x3 blur
+    does: the measure's floors (DETAIL_FLOOR, the first gradient bin) keep sub-grey-level
+    changes from counting. Without them it moved it by about a quarter of the blur here."""
+    from pipeline.rewards.hacks import HACKS
+    from pipeline.rewards.realism import Realism
+    from pipeline.stages import prepare
+
+    prepare.run(smoke_params(prepare={"source": {"images": ["astronaut", "coffee", "coins", "cell"]},
+                                      "split": {"val": ["coffee"], "test": ["coins", "cell"]},
+                                      "patches_per_image": {"train": 8, "val": 4, "test": 32}}), tmp_path)
+    flat = load_split(tmp_path / "data/prepared", "test")
+    realism, g = Realism(flat.gt, flat.tasks), torch.Generator().manual_seed(0)
+    dither, blur = (realism.distance(HACKS[name](flat.gt, g)) for name in ("dither", "blur"))
+    assert 0 < dither < blur / 10, (dither, blur)
+
+
 def test_the_realism_interval_sums_each_drawn_half_as_the_distance_does(bigger_test_split):
     """`interval` sums all halves at once; each half's figure is the distance on that half
     (the MMD^2 definition in `Realism._distance`), row minus SFT, over the same draws."""
