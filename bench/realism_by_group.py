@@ -21,15 +21,15 @@ import torch
 from pipeline.config import load_params
 from pipeline.data.benchmarks import load_benchmark
 from pipeline.data.dataset import load_split
+from pipeline.errors import UserError
 from pipeline.models.loading import load_restorer
 from pipeline.models.sampling import restore
 from pipeline.paths import Paths
-from pipeline.rewards.realism import STATISTIC_GROUPS, Realism, statistics
+from pipeline.rewards.realism import STATISTIC_GROUPS, Realism, luma, statistics
 
 
-def luma(images: torch.Tensor) -> float:
-    rgb = (images.clamp(-1, 1) + 1) / 2
-    return float((0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]).mean())
+def mean_luma(images: torch.Tensor) -> float:
+    return float(luma(images).mean())
 
 
 def main() -> None:
@@ -39,26 +39,18 @@ def main() -> None:
     parser.add_argument("--benchmark", default=None, help="a name in evaluate.benchmarks; default the test split")
     parser.add_argument("--tasks", nargs="*", default=None, help="default every task")
     args = parser.parse_args()
-    params = load_params(args.params, args.profile)
-    torch.set_num_threads(params.runtime.threads)
-    paths = Paths(Path("."))
-    if args.benchmark:
-        data = load_benchmark(args.benchmark, params.evaluate.benchmarks[args.benchmark], params.prepare,
-                              params.runtime.seed)
-    else:
-        data = load_split(paths.data, "test")
-    tasks = args.tasks or sorted(set(data.tasks))
-    data = data.subset(torch.tensor([i for i, t in enumerate(data.tasks) if t in tasks]))
-    sampling, batch, seed = params.evaluate.sampling, params.evaluate.batch_size, params.runtime.seed
-    outputs = {name: restore(load_restorer(folder), data, sampling, batch, seed)
-               for name, folder in (("sft", paths.sft_model), ("rl", paths.rl_model))}
+    try:
+        data, outputs = restored(args)
+    except (UserError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
     groups = {"all": range(statistics(data.gt[:2]).shape[1]), **STATISTIC_GROUPS}
-    for task in tasks:
+    for task in sorted(set(data.tasks)):
         rows = torch.tensor([i for i, t in enumerate(data.tasks) if t == task])
         gt = data.gt[rows]
         stats = {name: statistics(images[rows]) for name, images in outputs.items()}
         gt_stats = statistics(gt)
-        brightness = {"gt": luma(gt), "lq": luma(data.lq_full[rows])} | {n: luma(o[rows]) for n, o in outputs.items()}
+        brightness = {"gt": mean_luma(gt), "lq": mean_luma(data.lq_full[rows])}
+        brightness |= {name: mean_luma(images[rows]) for name, images in outputs.items()}
         print(f"\n{task} ({len(rows)} patches); mean luma " + ", ".join(f"{k} {v:.4f}" for k, v in brightness.items()))
         print("| statistics | realism SFT | realism RL | shift SFT (GT std) | shift RL (GT std) |")
         print("|---|---|---|---|---|")
@@ -70,6 +62,31 @@ def main() -> None:
             print(f"| {group} | " + " | ".join(f"{realism.distance(s[:, columns]):.3f}" for s in stats.values())
                   + " | " + " | ".join(" ".join(f"{x:+.2f}" for x in v.tolist()) if group != "all" else
                                         f"{float(v.abs().mean()):.2f} (mean abs)" for v in shifts.values()) + " |")
+
+
+def restored(args: argparse.Namespace) -> tuple:
+    """The split (or benchmark) cut to `args.tasks`, and its SFT and RL restorations."""
+    params = load_params(args.params, args.profile)
+    torch.set_num_threads(params.runtime.threads)
+    paths = Paths(Path("."))
+    if args.benchmark:
+        if args.benchmark not in params.evaluate.benchmarks:
+            raise UserError(f"--benchmark {args.benchmark}: not in evaluate.benchmarks of {args.params}"
+                            + (f" with profile {args.profile}" if args.profile else "")
+                            + f" (known: {sorted(params.evaluate.benchmarks)})")
+        data = load_benchmark(args.benchmark, params.evaluate.benchmarks[args.benchmark], params.prepare,
+                              params.runtime.seed)
+    else:
+        data = load_split(paths.data, "test")
+    tasks = args.tasks or sorted(set(data.tasks))
+    unknown = sorted(set(tasks) - set(data.tasks))
+    if unknown:
+        raise UserError(f"--tasks {' '.join(unknown)}: no such task in the data (known: {sorted(set(data.tasks))})")
+    data = data.subset(torch.tensor([i for i, t in enumerate(data.tasks) if t in tasks]))
+    sampling, batch, seed = params.evaluate.sampling, params.evaluate.batch_size, params.runtime.seed
+    outputs = {name: restore(load_restorer(folder), data, sampling, batch, seed)
+               for name, folder in (("sft", paths.sft_model), ("rl", paths.rl_model))}
+    return data, outputs
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from pipeline.data.dataset import load_split
+from pipeline.errors import UserError
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.realism import STATISTIC_GROUPS, Realism, statistics
 
@@ -33,7 +34,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    split = load_split("data/prepared", args.split)
+    try:
+        split = load_split("data/prepared", args.split)
+    except (UserError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
     generator = torch.Generator().manual_seed(0)
     edited = {name: hack(split.gt, generator) for name, hack in HACKS.items()}
     edited["lq"] = split.lq_full

@@ -36,7 +36,8 @@ GRADIENT_BINS = torch.tensor([0.0, 0.02, 0.04, 0.08, 0.16, 0.32])
 DETAIL_FLOOR = 1 / 255  # one 8-bit grey level, added to the wavelet details' sizes before their log
 
 
-def _luma(images: torch.Tensor) -> torch.Tensor:
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) luma (Rec. 601 weights) in [0, 1], float64, of (N, 3, H, W) images in [-1, 1]."""
     rgb = (images.double().clamp(-1, 1) + 1) / 2
     return (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
 
@@ -57,7 +58,7 @@ def statistics(images: torch.Tensor) -> torch.Tensor:
     """(N, 24) statistics of (N, 3, H, W) images in [-1, 1] (H and W even), in the order of
     STATISTIC_GROUPS: per Haar level, the log mean and log spread of |LH|, |HL|, |HH| (each
     plus DETAIL_FLOOR); the gradient-magnitude histogram; the RGB means and spreads."""
-    y = _luma(images)
+    y = luma(images)
     stats = []
     approx = y
     for _ in range(2):
