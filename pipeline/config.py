@@ -502,6 +502,10 @@ class RlConfig(Section):
     # and on every task, ships.
     val_images: int = Field(48, ge=1)
     psnr_guard: float = Field(0.3, ge=0)
+    # ... and whose mean score by the held-out judge (checkpoints/judge) on those patches fell by
+    # at most this much below SFT's: a reward gain the judge does not share does not ship. The
+    # judge only vetoes (it is never a reward). None: no judge check (and no judge needed).
+    judge_guard: float | None = Field(0.0, ge=0)
     # RL refuses a learned reward that failed its held-out checks (checkpoints/reward/checks.json) unless
     # this is true; an override is tagged on the RL run (restorl.reward_checks_failed). The
     # default params.yaml sets it (its reward fails on the val image `cell`; docs/results.md).

@@ -33,7 +33,8 @@ class Paths:
 
     @property
     def judge_model(self) -> Path:
-        # The held-out judge (the judge stage): scores in `evaluate` only, never a reward.
+        # The held-out judge (the judge stage): scores in `evaluate` and vetoes rl epochs on val
+        # (rl.judge_guard); never a reward.
         return self.root / "checkpoints" / "judge"
 
     @property

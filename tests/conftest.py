@@ -121,6 +121,18 @@ def kill_launcher_mid_run(args: list[str], root: Path, state: Path, timeout: flo
     return saved_step(state)
 
 
+def stand_in_judge(root: Path) -> Path:
+    """A small untrained reward model as the held-out judge in `root` (what rl.judge_guard reads),
+    drawn from its own seed: the global torch generator is left as it was."""
+    from pipeline.models.reward_model import RewardModel
+    from pipeline.paths import Paths
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        RewardModel(kernels=8, hidden=16).save(Paths(root).judge_model)
+    return Paths(root).judge_model
+
+
 def scored_stand_ins(root: Path, prepared: Path) -> Path:
     """In `root`: the prepared smoke data, an SFT stand-in (a barely trained-looking restorer),
     a small reward model and the score table: what `rl` needs, made in seconds."""
@@ -140,6 +152,7 @@ def scored_stand_ins(root: Path, prepared: Path) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         score.run(smoke_params(), root)
+    stand_in_judge(root)
     return root
 
 

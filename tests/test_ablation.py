@@ -35,7 +35,7 @@ def test_method_overrides_give_the_profile_merge(tmp_path, method):
     base = smoke_raw()
     sets = ablation.overrides(method, 2, base, epochs=1)
     expected = deep_merge(base, read_yaml(PROFILES_DIR / "methods" / f"{method}.yaml"))
-    expected["rl"] |= {"seed": 2, "epochs": 1}
+    expected["rl"] |= {"seed": 2, "epochs": 1, "judge_guard": None}  # the judge judges, it does not choose
     got = _apply_with_dvc(tmp_path, base, sets)
     assert validate(got, "exp params") == validate(expected, "profile merge")
     # A key params.yaml lacks is appended (hydra `+`); DVC refuses a plain override of it.
@@ -44,7 +44,7 @@ def test_method_overrides_give_the_profile_merge(tmp_path, method):
 
 def test_seed_method_and_sign_flip(tmp_path):
     base = deep_merge(smoke_raw(), {"rl": {"reward": {"learned": 1.0, "psnr": 0.1}}})
-    assert ablation.overrides("adaptive", 0, base, epochs=None) == ["rl.seed=0"]
+    assert ablation.overrides("adaptive", 0, base, epochs=None) == ["rl.seed=0", "rl.judge_guard=null"]
     flipped = _apply_with_dvc(tmp_path, base, ablation.overrides("flipped", 1, base, epochs=None))
     assert flipped["rl"]["reward"] == {"learned": -1.0, "psnr": -0.1} and flipped["rl"]["seed"] == 1
     assert validate(flipped, "flipped").rl.reward["learned"] == -1.0  # a negative weight is accepted

@@ -70,6 +70,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert (tmp_path / "plots/difficulty_hist.png").stat().st_size > 0
     rl = json.loads((tmp_path / "metrics/rl.json").read_text())
     assert rl["rollouts"] == 2 * 2 * 2 and 0 <= rl["best_epoch"] <= 2
+    # The epochs were also scored on val by the judge stage's model (rl.judge_guard).
+    assert "val_judge_drop" in rl and "val_judge" in (tmp_path / "plots/rl_curves.csv").read_text().splitlines()[0]
     assert (tmp_path / "checkpoints/rl/unet/diffusion_pytorch_model.safetensors").exists()
     assert (tmp_path / "plots/rl_curves.csv").read_text().startswith("epoch,")
     assert not (tmp_path / "checkpoints/resume/rl/state.pt").exists()

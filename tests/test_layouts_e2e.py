@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.models.loading import load_restorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.paths import Paths
-from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, tool_env, write_params
+from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, stand_in_judge, tool_env, write_params
 from tests.test_e2e_dvc import _new_workspace
 from tests.test_storage import moto_fixture  # noqa: F401  (registers the `moto` fixture here)
 from tests.tiny_models import save_ldm_sr, save_sd_upscale
@@ -46,6 +46,7 @@ def test_stages_run_each_layout(bases, workspace, monkeypatch, layout, adapters)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     paths = Paths(workspace)
     RewardModel(kernels=8, hidden=16).save(paths.reward_model)  # a stand-in reward: it scores images
+    stand_in_judge(workspace)
     params = smoke_params(model={"pretrained": str(bases[layout]), **({"lora": LORA} if adapters else {})})
     sft.run(params, workspace)
     score.run(params, workspace)
@@ -132,6 +133,7 @@ def test_super_resolution_from_an_lq_at_the_latent_size(bases, tmp_path, monkeyp
     train = load_split(paths.data, "train")
     assert train.gt.shape[-1] == 32 and train.lq.shape[-1] == 16 and train.lq_scale == 2
     RewardModel(kernels=8, hidden=16).save(paths.reward_model)
+    stand_in_judge(tmp_path)
     with pytest.raises(ConfigError, match="prepare.lq_scale is 2: the pixel layout takes the LQ at the GT's size"):
         sft.run(smoke_params(prepare={"lq_scale": 2}), tmp_path)
 

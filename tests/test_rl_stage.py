@@ -25,7 +25,7 @@ from pipeline.rl.difficulty import WEIGHTINGS, DifficultyTracker, draw_images, m
 from pipeline.rl.difficulty_table import read_table
 from pipeline.rl.parts import pick
 from pipeline.rl.rollout import collect
-from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw, write_params
+from tests.conftest import BIN, kill_mid_run, run_tool, smoke_params, smoke_raw, stand_in_judge, write_params
 from tests.test_storage import creds, make_bucket, moto_fixture, s3  # noqa: F401  (the moto S3 fixtures)
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +221,23 @@ def test_selection_refuses_an_epoch_that_buys_its_gain_with_one_tasks_fidelity()
     assert loop.select(best, 2, even, baseline, 0.3, base_model).epoch == 2
 
 
+def test_selection_refuses_a_reward_gain_the_held_out_judge_does_not_share():
+    """PSNR within the guard everywhere, reward up, the judge down: a gain only the trained-on
+    reward sees does not ship; with the judge up (or within the tolerance) it does."""
+    base_model, _ = _rollouts()
+    baseline = {"reward": -5.0, "psnr": 30.0, "task_psnr": {"jpeg": 34.0}, "judge": 10.0}
+    best = loop.Selection(0, 0.0, baseline, base_model.trainable_state())
+    hacked = loop.Validation(-4.0, 30.0, {"jpeg": 34.0}, judge=9.9)
+    assert loop.judge_drop(hacked, baseline) == pytest.approx(0.1)
+    assert loop.select(best, 1, hacked, baseline, 0.3, base_model, judge_guard=0.0) is best
+    assert loop.select(best, 1, hacked, baseline, 0.3, base_model, judge_guard=0.2).epoch == 1
+    assert loop.select(best, 1, hacked, baseline, 0.3, base_model, judge_guard=None).epoch == 1, "no judge check"
+    shared = loop.Validation(-4.5, 30.0, {"jpeg": 34.0}, judge=10.3)
+    assert loop.select(best, 2, shared, baseline, 0.3, base_model, judge_guard=0.0).epoch == 2
+    with pytest.raises(ValueError, match="judge's val scores"):
+        loop.select(best, 3, loop.Validation(-4.5, 30.0), baseline, 0.3, base_model, judge_guard=0.0)
+
+
 @pytest.mark.parametrize("w, changed_term", [(0.0, "rl"), (1.0, "sft")])
 def test_loss_weight_decides_which_term_moves_the_model(w, changed_term):
     """w = 0: the PPO term cannot matter (only SFT + KL train); w = 1: the SFT term cannot."""
@@ -287,6 +304,7 @@ def models_ready(workspace, monkeypatch):
     torch.nn.init.normal_(model.unet.conv_out.weight, std=0.02)
     model.save_pretrained(paths.sft_model)
     RewardModel(kernels=8, hidden=16).save(paths.reward_model)
+    stand_in_judge(workspace)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     return workspace
 
@@ -365,6 +383,41 @@ def test_rl_stage_trains_registers_and_refuses_a_too_small_pool(models_ready):
 
     with pytest.raises(DataError, match=r"rl\.images_per_epoch=40 exceeds the 16 scored samples"):
         rl.run(smoke_params(rl={"images_per_epoch": 40}), models_ready)
+
+
+def test_rl_scores_val_with_the_held_out_judge_and_needs_it_for_the_judge_guard(models_ready):
+    """Each epoch's val judge score and its drop below SFT's are logged and in the summary; with
+    rl.judge_guard set and no judge, one error naming the key and the missing file, nothing
+    written; with judge_guard null the stage runs without it."""
+    from pipeline.rewards.scorers import RewardError
+    from pipeline.stages import rl, score
+
+    score.run(smoke_params(), models_ready)
+    paths = Paths(models_ready)
+    summary = rl.run(smoke_params(), models_ready)
+    with open(paths.plots / "rl_curves.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    run = MlflowClient().get_model_version_by_alias("restorer", "challenger").tags["restorl.run_id"]
+    judged = MlflowClient().get_metric_history(run, "val_judge")
+    assert [m.step for m in judged] == [0, 1, 2], "SFT's val judge score at step 0, then every epoch"
+    sft_judge = judged[0].value
+    for row, logged in zip(history, judged[1:]):
+        assert float(row["val_judge"]) == pytest.approx(logged.value, rel=1e-5)
+        assert float(row["val_judge_drop"]) == pytest.approx(sft_judge - logged.value, abs=1e-5)
+    assert "val_judge_drop" in summary
+    if summary["best_epoch"]:  # a shipped epoch never fell below SFT on the judge (judge_guard 0)
+        assert summary["val_judge_drop"] <= 0
+
+    shutil.rmtree(paths.judge_model)
+    shutil.rmtree(paths.rl_model)
+    (paths.metrics / "rl.json").unlink()
+    with pytest.raises(RewardError, match=r"rl\.judge_guard is 0\.0 but there is no held-out judge at "
+                                          r".*checkpoints/judge/model\.safetensors: run `restorl judge` first"):
+        rl.run(smoke_params(), models_ready)
+    assert not paths.rl_model.exists() and not (paths.metrics / "rl.json").exists()
+    summary = rl.run(smoke_params(rl={"judge_guard": None}), models_ready)
+    assert "val_judge_drop" not in summary
+    assert "val_judge" not in (paths.plots / "rl_curves.csv").read_text().splitlines()[0]
 
 
 def test_evaluate_reports_rl_and_hack_controls(models_ready):

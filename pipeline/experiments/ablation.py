@@ -6,13 +6,16 @@ Run in a workspace where the pipeline has run once (`restorl repro`) and whose d
 dvc.lock and params.yaml are committed to Git: DVC experiments are based on the Git HEAD
 (uncommitted edits of tracked files are carried along). For each (method, seed) it runs
 
-    dvc exp run --temp -n <method>-s<seed> -S rl.seed=<seed> [-S rl.epochs=N] -S <method's keys> evaluate
+    dvc exp run --temp -n <method>-s<seed> -S rl.seed=<seed> -S rl.judge_guard=null [-S rl.epochs=N] \
+        -S <method's keys> evaluate
 
 The method's profile (pipeline/profiles/methods/<name>.yaml) is flattened to one `-S` per leaf key, as
 `restorl params --profile` would deep-merge it; keys params.yaml lacks get hydra's `+`. Only rl
 (and score, where the reward changes) re-run; prepare, sft and reward come from the cache.
-`--temp` runs each experiment in its own directory, so the workspace (params.yaml, outputs)
-stays as it was and no experiment inherits another's settings. Promote is not run: the ablation
+`rl.judge_guard` is off in every run: the held-out judge is one of the bench's criteria and
+must not have chosen the epochs it judges. `--temp` runs each experiment in its own directory,
+so the workspace (params.yaml, outputs) stays as it was and no experiment inherits another's
+settings. Promote is not run: the ablation
 must not move the `champion` alias; the `challenger` alias, which each rl run moves, is put back.
 Every stage logs its MLflow run into the workspace's store, under one parent run per
 experiment (tag restorl.dvc_exp). Each run is in `dvc exp show` too.
@@ -199,9 +202,12 @@ def method_override(method: str, raw: dict) -> dict:
 
 
 def overrides(method: str, seed: int, raw: dict, epochs: int | None) -> list[str]:
-    """`-S` values of one run: the method's keys, rl.seed and the budget."""
+    """`-S` values of one run: the method's keys, rl.seed, the budget, and no judge guard: the
+    held-out judge is one of the bench's two criteria, so it must not have chosen (vetoed) the
+    epoch it then judges; with it, a sign-flipped run would mostly ship SFT and look harmless."""
     changes = method_override(method, raw)
     changes.setdefault("rl", {})["seed"] = seed
+    changes["rl"]["judge_guard"] = None
     if epochs is not None:
         changes["rl"]["epochs"] = epochs
     return set_params(changes, raw)

@@ -85,9 +85,10 @@ class Validation:
     reward: float
     psnr: float
     task_psnr: dict[str, float] = field(default_factory=dict)  # per degradation task
+    judge: float | None = None  # mean score by the held-out judge (None: not scored)
 
     def as_dict(self) -> dict:
-        return {"reward": self.reward, "psnr": self.psnr, "task_psnr": dict(self.task_psnr)}
+        return {"reward": self.reward, "psnr": self.psnr, "task_psnr": dict(self.task_psnr), "judge": self.judge}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,17 +189,19 @@ def _mean(value: torch.Tensor | float) -> float:
 # validation and selection
 
 
-def validate(model: Restorer, reward: Reward, val: PairedSplit, params: Params) -> Validation:
-    """Mean reward and PSNR of the val restorations, and PSNR per task (deterministic:
-    `evaluate.sampling`, fixed seed)."""
+def validate(model: Restorer, reward: Reward, val: PairedSplit, params: Params,
+             judge: Reward | None = None) -> Validation:
+    """Mean reward and PSNR of the val restorations, PSNR per task, and the mean score by the
+    held-out `judge` when given (deterministic: `evaluate.sampling`, fixed seed)."""
     restored = restore_split(model, val, params)
     with torch.no_grad():
         r = reward(restored.to(model.device), val.gt.to(model.device))
+        judged = None if judge is None else round(float(judge(restored.to(model.device)).mean()), 6)
     psnr = iqa.score("psnr", restored, val.gt)
     tasks = val.tasks
     task_psnr = {t: round(float(psnr[[i for i, x in enumerate(tasks) if x == t]].mean()), 4)
                  for t in sorted(set(tasks))}
-    return Validation(round(float(r.mean()), 6), round(float(psnr.mean()), 4), task_psnr)
+    return Validation(round(float(r.mean()), 6), round(float(psnr.mean()), 4), task_psnr, judged)
 
 
 @dataclass
@@ -218,13 +221,27 @@ def psnr_losses(result: Validation, baseline: dict) -> dict[str, float]:
     return losses | {t: base_tasks[t] - v for t, v in result.task_psnr.items() if t in base_tasks}
 
 
+def judge_drop(result: Validation, baseline: dict) -> float | None:
+    """How far the held-out judge's mean val score fell below SFT's (None: not scored)."""
+    if result.judge is None or baseline.get("judge") is None:
+        return None
+    return baseline["judge"] - result.judge
+
+
 def select(best: Selection, epoch: int, result: Validation, baseline: Validation | dict, psnr_guard: float,
-           model: Restorer) -> Selection:
-    """`epoch` replaces `best` when its val reward gain is larger and its PSNR fell by at most
-    `psnr_guard`, overall and on every task: a gain bought by one task's fidelity (the reward
-    brightening low-light outputs, say) does not ship."""
+           model: Restorer, judge_guard: float | None = None) -> Selection:
+    """`epoch` replaces `best` when its val reward gain is larger, its PSNR fell by at most
+    `psnr_guard`, overall and on every task (a gain bought by one task's fidelity, the reward
+    brightening low-light outputs, say, does not ship), and, with a `judge_guard`, the held-out
+    judge's score fell by at most that much (a gain only the trained-on reward sees does not ship)."""
     base = baseline if isinstance(baseline, dict) else baseline.as_dict()
     gain = result.reward - base["reward"]
+    if judge_guard is not None:
+        drop = judge_drop(result, base)
+        if drop is None:
+            raise ValueError("a judge guard needs the held-out judge's val scores of the epoch and of SFT")
+        if drop > judge_guard:
+            return best
     if max(psnr_losses(result, base).values()) <= psnr_guard and gain > best.gain:
         return Selection(epoch, gain, result.as_dict(), model.trainable_state())
     return best
@@ -266,4 +283,6 @@ def epoch_record(epoch: int, samples: EpochSamples, checkpoints: list[int], grou
         "val_psnr_drop": baseline["psnr"] - val.psnr,
         "val_psnr_drop_worst_task": max(psnr_losses(val, baseline).values()),
     }
+    if (drop := judge_drop(val, baseline)) is not None:
+        record |= {"val_judge": val.judge, "val_judge_drop": drop}
     return record

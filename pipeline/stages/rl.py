@@ -3,8 +3,10 @@
 One loop, whose parts the config picks by name (pipeline/rl/parts.py, docs/rl_methods.md):
 each epoch samples rollouts and their rewards, updates the model on them, validates it on val,
 and keeps the best epoch so far (pipeline/rl/loop.py has the phases). The epoch with the best
-val reward gain over SFT whose PSNR fell by at most `psnr_guard` dB is what ships (epoch 0 is
-the SFT model itself), so a run that starts hacking the reward is not shipped.
+val reward gain over SFT whose PSNR fell by at most `psnr_guard` dB (overall and on every task)
+and whose score by the held-out judge (checkpoints/judge) fell by at most `judge_guard` is what
+ships (epoch 0 is the SFT model itself), so a run that starts hacking the reward is not shipped.
+The judge only vetoes epochs on val; it is never a reward.
 Resumable per epoch: model, optimiser, RNG, difficulty statistics, history and best-so-far go
 to `checkpoints/resume/rl/`. Output: `checkpoints/rl` (diffusers folder), `metrics/rl.json` (the
 headline: budget, time, best epoch, its val reward gain and PSNR drops, the registered version),
@@ -42,9 +44,10 @@ from pipeline.device import grad_scaler, setup_runtime
 from pipeline.model_registry import register_restorer
 from pipeline.models.loading import model_for_rl
 from pipeline.models.restorer import Restorer
+from pipeline.models.reward_model import WEIGHTS as JUDGE_WEIGHTS
 from pipeline.paths import Paths
 from pipeline.rewards.checks import require_passed
-from pipeline.rewards.scorers import Reward, load_reward
+from pipeline.rewards.scorers import Reward, RewardError, build_reward, load_reward
 from pipeline.rl import loop, parts, sharding
 from pipeline.rl.difficulty import DifficultyTracker
 from pipeline.rl.difficulty_table import read_table
@@ -62,6 +65,7 @@ class Setup:
     model: Restorer
     reference: Restorer | None  # the frozen SFT model, when the parts need it
     reward: Reward  # the reward rollouts and validation are scored with
+    judge: Reward | None  # the held-out judge validation is also scored with (rl.judge_guard)
     feedback: Reward | None  # the same with gradients, when the objective needs it
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
@@ -75,6 +79,10 @@ def run(params: Params, root: Path = Path(".")) -> dict:
     picked = parts.pick(cfg)
     reward_failures = require_passed(paths.reward_model, cfg.allow_failed_reward_checks) \
         if "learned" in cfg.reward else []
+    if cfg.judge_guard is not None and not (paths.judge_model / JUDGE_WEIGHTS).exists():
+        raise RewardError(f"rl.judge_guard is {cfg.judge_guard} but there is no held-out judge at "
+                          f"{paths.judge_model / JUDGE_WEIGHTS}: run `restorl judge` first, or set "
+                          "rl.judge_guard: null to select epochs without it")
     # Checked before any process group starts: whole groups on each rank, equal shares of each minibatch.
     distributed.per_rank_batch(cfg.images_per_epoch, "rl.images_per_epoch")
     distributed.per_rank_batch(cfg.minibatch, "rl.minibatch")
@@ -88,7 +96,8 @@ def _train(params: Params, paths: Paths, picked: parts.RlParts, device: torch.de
     s = setup(params, paths, picked, device)
     resume_dir = paths.resume / "rl"
     fingerprint = checkpoint.fingerprint(params, [*SECTIONS, "runtime", "evaluate"],
-                                         [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model],
+                                         [paths.manifest, paths.difficulty_table, paths.sft_model, paths.reward_model]
+                                         + ([paths.judge_model] if cfg.judge_guard is not None else []),
                                          code_hash("rl"))
     resumable = {"model": s.model, "optimizer": s.optimizer, "tracker": s.tracker, "grad_scaler": s.scaler}
     remote = checkpoint.RemoteState.of(params.storage, "rl", fingerprint)  # storage.resume_uri
@@ -147,7 +156,8 @@ def run_epoch(params: Params, s: Setup, picked: parts.RlParts, stats: dict, epoc
     losses = loop.train_on_rollouts(s.model, s.optimizer, samples, picked, cfg, s.generator,
                                     s.reference, s.feedback, epoch, resume_dir, s.scaler)
     result = validated(s, params)
-    stats["best"] = loop.select(stats["best"], epoch, result, stats["baseline"], cfg.psnr_guard, s.model)
+    stats["best"] = loop.select(stats["best"], epoch, result, stats["baseline"], cfg.psnr_guard, s.model,
+                                cfg.judge_guard)
     record = loop.epoch_record(epoch, samples, cfg.reward_steps, cfg.group_size, losses, s.tracker,
                                result, stats["baseline"], cfg.kl_beta)
     stats["history"].append(record)
@@ -157,14 +167,16 @@ def run_epoch(params: Params, s: Setup, picked: parts.RlParts, stats: dict, epoc
 def validated(s: Setup, params: Params) -> loop.Validation:
     """The val figures, computed by the main process and sent to every rank, so that all ranks
     select the same epoch (the others wait: the weights are the same on every rank)."""
-    return sharding.broadcast_object(loop.validate(s.model, s.reward, s.val, params) if distributed.is_main() else None)
+    return sharding.broadcast_object(loop.validate(s.model, s.reward, s.val, params, s.judge)
+                                     if distributed.is_main() else None)
 
 
 def log_start(start: int, reward_failures: list[str], baseline: dict) -> None:
     mlflow.set_tag("restorl.resumed_from_epoch", str(start))
     if reward_failures:
         mlflow.set_tag("restorl.reward_checks_failed", "; ".join(reward_failures)[:5000])
-    mlflow.log_metrics({"val_reward": baseline["reward"], "val_psnr": baseline["psnr"]}, step=0)
+    mlflow.log_metrics({"val_reward": baseline["reward"], "val_psnr": baseline["psnr"]}
+                       | ({"val_judge": baseline["judge"]} if baseline.get("judge") is not None else {}), step=0)
 
 
 def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.device) -> Setup:
@@ -184,8 +196,10 @@ def setup(params: Params, paths: Paths, picked: parts.RlParts, device: torch.dev
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(params.runtime.seed if cfg.seed is None else cfg.seed)
     tracker = DifficultyTracker(difficulty, cfg.difficulty.window)
-    return Setup(loop.Pool(train, index, difficulty.clone()), val, model, reference, reward, feedback, optimizer,
-                 generator, tracker, grad_scaler(device))
+    # Last, so that the other parts load as they do without a judge guard.
+    judge = None if cfg.judge_guard is None else build_reward({"learned": 1.0}, device, learned_path=paths.judge_model)
+    return Setup(loop.Pool(train, index, difficulty.clone()), val, model, reference, reward, judge, feedback,
+                 optimizer, generator, tracker, grad_scaler(device))
 
 
 def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, seconds: float) -> dict:
@@ -203,6 +217,8 @@ def save_outputs(params: Params, paths: Paths, model: Restorer, stats: dict, sec
                "val_reward_gain": round(best.gain, 6),
                "val_psnr_drop": round(stats["baseline"]["psnr"] - best.val["psnr"], 4),
                "val_psnr_drop_worst_task": round(best_drop, 4), "worst_task": worst}
+    if (judge_drop := loop.judge_drop(loop.Validation(**best.val), stats["baseline"])) is not None:
+        summary["val_judge_drop"] = round(judge_drop, 6)
     write_curves(paths.plots / "rl_curves.csv", stats["history"])
     mlflow.log_metrics({"train_seconds": seconds, "best_epoch": best.epoch})
     mlflow.log_artifact(str(paths.plots / "rl_curves.csv"))
