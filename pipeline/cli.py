@@ -23,15 +23,15 @@ USER_ERRORS = (UserError, FileNotFoundError)
 
 def _run_stage(name: str, params_file: Path, profile: Optional[str], many_processes: bool = False,
                report: Optional[Callable[[ModuleType, object], str]] = None) -> None:
-    """Load and validate the params, check the tracking server, then import the stage module
-    `pipeline.stages.<name>` and run it (it checks the part names it uses before any work);
+    """Load and validate the params, check the device and the tracking server, then import the
+    stage module `pipeline.stages.<name>` and run it (it checks the part names it uses before any work);
     `report(stage, result)`, if given, is printed after. The stage is imported last: its imports
     (torch, diffusers, MLflow) take seconds, and a bad setting or an unreachable server is
     reported before them. `many_processes`: the stage runs under a launcher
     (docs/distributed.md); any other stage started by one is refused."""
     import importlib
 
-    from pipeline.config import load_params
+    from pipeline.config import NO_CUDA, ConfigError, load_params
     from pipeline.distributed import is_main, world_size
     from pipeline.storage import require_tracking_server
     from pipeline.tracking import configure, tracking_uri
@@ -43,6 +43,13 @@ def _run_stage(name: str, params_file: Path, profile: Optional[str], many_proces
             raise UserError(f"{name} runs as one process (only sft, reward, rl and evaluate run on many); start it without "
                             f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
+        # CUDA asked for and absent: torch alone tells, seconds before the stage's imports (it is
+        # imported only then: source and prepare never need it).
+        if cfg.runtime.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(NO_CUDA)
         # Before any work: an unreachable tracking server fails in seconds, naming its URI, and
         # the experiment must exist (it is created) and not be deleted. Under a launcher only
         # the main process talks to MLflow (pipeline/distributed.py).
@@ -200,7 +207,8 @@ def repro(params: Path = ParamsOpt, force: bool = typer.Option(False, help="dvc 
         rl = json.loads(rl_file.read_text())
         typer.echo(f"\nRL (metrics/rl.json): {rl['rollouts']} rollouts, best epoch {rl['best_epoch']} of {rl['epochs']}; "
                    f"val reward gain {rl['val_reward_gain']:+.4g}, val PSNR drop {rl['val_psnr_drop']:.2f} dB "
-                   f"(worst task {rl['worst_task']}: {rl['val_psnr_drop_worst_task']:.2f} dB)")
+                   f"(worst task {rl['worst_task']}: {rl['val_psnr_drop_worst_task']:.2f} dB)"
+                   + (f", val judge drop {rl['val_judge_drop']:+.4g}" if "val_judge_drop" in rl else ""))
     metrics_file, detail_file = Path("metrics/evaluate.json"), Path("metrics/evaluate_detail.json")
     if metrics_file.exists() and detail_file.exists():
         typer.echo("\nTest split (headline: metrics/evaluate.json; every row, per task and the intervals: "

@@ -37,6 +37,10 @@ class Section(BaseModel):
 # runtime / tracking
 
 
+# A stage asked for CUDA on a machine without it (checked by the stage command and setup_runtime).
+NO_CUDA = "runtime.device is 'cuda' but torch sees no CUDA device here; use auto or cpu"
+
+
 class RuntimeConfig(Section):
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch CPU threads; set explicitly: two busy threads beside another process slow elementwise ops many-fold")

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError, RuntimeConfig
+from pipeline.config import NO_CUDA, ConfigError, RuntimeConfig
 
 # The autocast dtype of restorer forward passes (runtime.precision), per process like the
 # thread count: set by setup_runtime, read by autocast.
@@ -24,7 +24,7 @@ def setup_runtime(cfg: RuntimeConfig) -> torch.device:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device is 'cuda' but torch sees no CUDA device here; use auto or cpu")
+        raise ConfigError(NO_CUDA)
     _precision["value"] = cfg.precision
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")

@@ -120,6 +120,7 @@ except SystemExit as stop:
     ("sft", {"model": {"block_out_channels": [12, 16, 16]}}, "model: block_out_channels [12]"),
     ("promote", "deleted experiment", "MLflow experiment 'restorl' (tracking.experiment) is deleted"),
     ("repro", {"model": {"block_out_channels": [12, 16, 16]}}, "model: block_out_channels [12]"),
+    ("rl", {"runtime": {"device": "cuda"}}, "runtime.device is 'cuda' but torch sees no CUDA device"),
 ])
 def test_bad_settings_are_reported_before_the_stage_is_imported(tmp_path, stage, bad, message):
     """A stage command checks its params and the tracking server before it imports the stage
@@ -133,6 +134,11 @@ def test_bad_settings_are_reported_before_the_stage_is_imported(tmp_path, stage,
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         client.delete_experiment(client.create_experiment("restorl"))
         bad = {}
+    if bad.get("runtime", {}).get("device") == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
     write_params(tmp_path, deep_merge(smoke_raw(), bad))
     proc = run_tool([str(BIN / "python"), "-c", IMPORTED_AT_EXIT, stage], tmp_path, check=False)
     assert proc.stdout.split() == ["exit", "2", "imported", "none"], proc.stdout + proc.stderr[-2000:]

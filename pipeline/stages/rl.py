@@ -140,9 +140,11 @@ def _train(params: Params, paths: Paths, picked: parts.RlParts, device: torch.de
         version = register(params, paths, summary, stats["best"].epoch, active.info.run_id, paths.root)
     checkpoint.clear_state(resume_dir, remote)
     best = stats["best"]
+    judged = (f"val judge {best.val['judge']:.4g} (SFT {stats['baseline']['judge']:.4g}), "
+              if "val_judge_drop" in summary else "")
     print(f"rl: {cfg.epochs} epochs ({summary['rollouts']} rollouts) in {summary['seconds']:.0f}s; best epoch "
           f"{best.epoch}: val reward {best.val['reward']:.4g} (SFT {stats['baseline']['reward']:.4g}), "
-          f"val PSNR {best.val['psnr']:.2f} (SFT {stats['baseline']['psnr']:.2f}); "
+          f"val PSNR {best.val['psnr']:.2f} (SFT {stats['baseline']['psnr']:.2f}), {judged}"
           f"registered {params.tracking.registered_model} v{version}")
     return summary
 
