@@ -1,12 +1,10 @@
-"""Pretrained layouts through the pipeline: one full `restorl repro` of the SD-upscaler layout
-with LoRA (from an s3:// base on a moto server), and in-process sft -> score -> rl -> evaluate
-runs of every other layout / LoRA combination on the smoke workspace."""
+"""Pretrained layouts through the pipeline: in-process sft -> score -> rl -> evaluate runs of
+every layout / LoRA combination on the smoke workspace. The full `restorl repro` of the
+SD-upscaler layout with LoRA on an s3:// base is in tests/test_storage_e2e.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,8 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.models.loading import load_restorer
 from pipeline.models.reward_model import RewardModel
 from pipeline.paths import Paths
-from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, stand_in_judge, tool_env, write_params
-from tests.test_e2e_dvc import _new_workspace
+from tests.conftest import smoke_params, stand_in_judge
 from tests.test_storage import moto_fixture  # noqa: F401  (registers the `moto` fixture here)
 from tests.tiny_models import save_ldm_sr, save_sd_upscale
 
@@ -66,57 +63,6 @@ def test_stages_run_each_layout(bases, workspace, monkeypatch, layout, adapters)
     assert version.tags["restorl.layout"] == layout
     assert version.tags["restorl.base_uri"] == str(bases[layout])
     assert version.tags["restorl.adapters"] == ("sft,rl" if adapters else "")
-
-
-def test_dvc_repro_sd_upscaler_with_lora_from_s3(bases, moto, tmp_path, monkeypatch):
-    """The whole pipeline on an s3:// base: adapters train, the registered model is the merged
-    model, and `models:/restorer@champion` restores in a fresh process."""
-    from tests.test_storage import s3 as s3_client
-
-    endpoint, key_id, secret = moto
-    for key, value in {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    s3 = s3_client(moto)
-    s3.create_bucket(Bucket="models")
-    for path in sorted(bases["sd_upscale"].rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), "models", f"x2-upscaler/{path.relative_to(bases['sd_upscale'])}")
-
-    _new_workspace(tmp_path)
-    raw = smoke_raw()
-    raw["model"] |= {"pretrained": "s3://models/x2-upscaler", "lora": LORA, "prompt": "a photo"}
-    raw["storage"] = {"endpoint_url": endpoint}
-    write_params(tmp_path, raw)
-    result = run_tool([str(BIN / "restorl"), "repro"], tmp_path)
-    assert "Running stage 'promote'" in result.stdout
-
-    meta = json.loads((tmp_path / "checkpoints/rl/restorl.json").read_text())
-    assert meta["layout"] == "sd_upscale" and meta["prompt"] == "a photo"
-    assert meta["base"]["uri"] == "s3://models/x2-upscaler"
-    assert sorted(p.name for p in (tmp_path / "checkpoints/rl").iterdir()) == [
-        "adapter_rl.safetensors", "adapter_sft.safetensors", "restorl.json"]
-    assert json.loads((tmp_path / "metrics/evaluate.json").read_text())["overall"]["rl"]["psnr"] > 0
-
-    script = """
-import json, sys
-import mlflow, numpy as np
-model = mlflow.pyfunc.load_model("models:/restorer@champion")
-out = model.predict(np.random.default_rng(0).random((1, 32, 32, 3)).astype(np.float32), params={"steps": 2})
-print(json.dumps({"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=tool_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shape": [1, 32, 32, 3], "finite": True}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    champion = client.get_model_version_by_alias("restorer", "champion")
-    assert champion.tags["restorl.layout"] == "sd_upscale" and champion.tags["restorl.adapters"] == "sft,rl"
-    assert champion.tags["restorl.base_hash"] == meta["base"]["hash"]
-
-    # The adapters export merged into a plain pipeline folder.
-    run_tool([str(BIN / "restorl"), "export", "checkpoints/rl", "exported"], tmp_path)
-    assert load_restorer(tmp_path / "exported").layout == "sd_upscale"
 
 
 def test_super_resolution_from_an_lq_at_the_latent_size(bases, tmp_path, monkeypatch):

@@ -1,11 +1,15 @@
 """The flow and its deployments against a real `prefect server start` (SQLite in a temp dir).
 
 One server for the session; flows run in this process with PREFECT_API_URL pointing at it.
+One flow run from scratch (with promote and lineage, against moto S3 and a bare git remote)
+serves the flow's tests: what it ran and published, the lineage a fresh clone restores, what a
+second run skips, a retried transient fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 import zc.lockfile
+from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -34,7 +39,9 @@ from prefect.workers.base import BaseJobConfiguration
 
 from flows.local_server import PREFECT, local_server, server_env
 from flows.training import PROMOTE, artifact_key, stage_order, training_pipeline
+from pipeline.lineage import TAG
 from tests.conftest import BIN, REPO
+from tests.test_storage import moto_fixture, s3  # noqa: F401  (registers the `moto` fixture here)
 
 pytestmark = pytest.mark.e2e
 
@@ -173,28 +180,67 @@ async def _from_template(cls, template, values, url):
 # the flow, end to end on the smoke profile
 
 
+def saved_workspace(root: Path, bare: Path, endpoint: str) -> None:
+    """Commit the workspace and give it a git remote `origin` (a bare repository) and an S3 DVC
+    remote (endpoint machine-local), as a scheduled deployment's clone has."""
+    _run([BIN / "restorl", "remote", "s3://lineage/store", "--endpoint", endpoint], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "pipeline"], root)
+    _run(["git", "init", "-q", "--bare", bare], root)
+    _run(["git", "remote", "add", "origin", bare], root)
+    _run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], root)
+
+
+def drain_prefect_queues() -> None:
+    """Send the queued flow logs and events while the server still runs: sent after it stopped,
+    they hold the test process's exit in retries."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def built(prefect_api, tmp_path_factory):
-    """A workspace after one flow run from scratch (smoke profile, pushing to a local remote)."""
+def built(prefect_api, moto, tmp_path_factory):
+    """One flow run from scratch, as the weekly deployment makes it: smoke profile, a fresh rl
+    seed, promote, lineage; outputs pushed to an S3 DVC remote (moto), the experiment to a bare
+    git remote. The S3 keys stay in the environment while the module's tests run."""
     url, _ = prefect_api
+    endpoint, key_id, secret = moto
+    s3(moto).create_bucket(Bucket="lineage")
     base = tmp_path_factory.mktemp("flow")
-    root = new_workspace(base / "ws", remote=base / "remote")
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        start = time.perf_counter()
-        state = training_pipeline(profile="smoke", workspace=str(root), retries=1, retry_delay_s=1,
-                                  return_state=True)
-        seconds = time.perf_counter() - start
-    return {"root": root, "remote": base / "remote", "state": state, "seconds": seconds}
+    root, bare = new_workspace(base / "ws"), base / "remote.git"
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+                            "AWS_DEFAULT_REGION": "us-east-1", "DVC_NO_ANALYTICS": "1"}.items():
+            env.setenv(name, value)
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)  # each workspace its own mlflow.db
+        saved_workspace(root, bare, endpoint)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            start = time.perf_counter()
+            state = training_pipeline(profile="smoke", workspace=str(root), promote=True, lineage=True,
+                                      fresh_seed="rl.seed", retries=1, retry_delay_s=1, return_state=True)
+            seconds = time.perf_counter() - start
+        yield {"root": root, "bare": bare, "endpoint": endpoint, "state": state, "seconds": seconds,
+               "seed": yaml.safe_load((root / "params.yaml").read_text())["rl"]["seed"]}
+        drain_prefect_queues()
 
 
 def test_flow_runs_every_stage_and_publishes(built, api):
     root, state = built["root"], built["state"]
     assert state.is_completed(), state.message
-    results = state.result()
+    *results, promoted, saved = state.result()
     stages = _pipeline_stages(root)
-    assert [r["stage"] for r in results] == [*stages, PROMOTE]
-    assert all(r["ran"] and r["pushed"] for r in results[:-1])
-    assert results[-1].get("skipped") == "not requested"
+    assert [r["stage"] for r in results] == stages
+    assert all(r["ran"] and r["pushed"] for r in results)
+    assert promoted["stage"] == PROMOTE and promoted["ran"] and promoted["pushed"]
+    assert saved["stage"] == "lineage" and saved["pushed"], saved
 
     # DVC owns the result: every stage is in the lock file and nothing is out of date.
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -207,10 +253,9 @@ def test_flow_runs_every_stage_and_publishes(built, api):
     assert (root / "checkpoints/sft").is_dir() and (root / "plots/eval_grid.png").stat().st_size > 0
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert metrics["n_test"] == 7  # the smoke profile's test patches, so the profile was applied
-    # Pushed: the remote holds every cached output DVC lists for the stages.
+    # Pushed: the S3 remote holds every cached output DVC lists for the stages.
     remote_status = _run([BIN / "dvc", "status", "--cloud", *stages], root).stdout
     assert "are in sync" in remote_status, remote_status
-    assert any(p.is_file() for p in built["remote"].rglob("*"))
 
     # One markdown artifact per stage, with its metrics and a link to its MLflow run.
     flow_run_id = state.state_details.flow_run_id
@@ -218,7 +263,7 @@ def test_flow_runs_every_stage_and_publishes(built, api):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in artifacts}
-    assert {artifact_key(s) for s in stages} <= set(by_key)
+    assert {artifact_key(s) for s in [*stages, PROMOTE, "lineage"]} <= set(by_key)
     for stage in built_stages:  # `source` only lists files: no MLflow run
         info = json.loads((root / f".restorl/runs/{stage}.json").read_text())
         text = by_key[artifact_key(stage)].data
@@ -229,17 +274,67 @@ def test_flow_runs_every_stage_and_publishes(built, api):
     assert "ran in" in evaluate_md
 
 
-def test_second_run_skips_up_to_date_stages(built, api):
+def test_a_fresh_clone_restores_the_promoted_checkpoint_from_the_mlflow_tag(built, tmp_path):
+    """The run's lineage: saved as a DVC experiment on the git remote, its checkpoints on the DVC
+    remote, the MLflow runs and versions name it, and a fresh clone restores the promoted
+    checkpoint from that name alone."""
+    root, state = built["root"], built["state"]
+    saved = state.result()[-1]
+
+    # The promoted version is the one the rl stage registered; it and its run carry the reference.
+    registered = json.loads((root / "metrics/rl.json").read_text())["registered"]
+    promote = json.loads((root / "metrics/promote.json").read_text())
+    assert promote["outcome"] == "promoted" and promote["challenger"] == registered["version"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    tags = client.get_model_version(registered["model"], registered["version"]).tags
+    run_tags = client.get_run(registered["run_id"]).data.tags
+    for key in ("name", "ref", "commit", "git_remote"):
+        assert tags[TAG + key] == run_tags[TAG + key] == saved[TAG + key], key
+    assert tags[TAG + "git_remote"] == str(built["bare"])
+    seed = int(tags["restorl.fresh_seed"].removeprefix("rl.seed="))
+    assert seed == built["seed"] and run_tags["restorl.fresh_seed"] == tags["restorl.fresh_seed"]
+    assert client.get_run(registered["run_id"]).data.params["rl.seed"] == str(seed)
+
+    # Nothing but the tag: clone the git remote, pull the experiment, apply it.
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", "-b", "main", built["bare"], clone], tmp_path)
+    _run([BIN / "dvc", "remote", "modify", "--local", "store", "endpointurl", built["endpoint"]], clone)
+    _run([BIN / "dvc", "exp", "pull", "origin", tags[TAG + "name"]], clone)
+    _run([BIN / "dvc", "exp", "apply", tags[TAG + "name"]], clone)
+    assert _run(["git", "rev-parse", tags[TAG + "ref"]], clone).stdout.strip() == tags[TAG + "commit"]
+    restored = file_hashes(clone / "checkpoints/rl")
+    assert restored and restored == file_hashes(root / "checkpoints/rl")
+    assert yaml.safe_load((clone / "params.yaml").read_text())["rl"]["seed"] == seed
+    assert json.loads((clone / "metrics/rl.json").read_text())["registered"] == registered
+
+    # Where the same inputs come back (a pod's fresh clone), DVC restores the outputs from the
+    # run-cache the flow pushed instead of running the stage again.
+    (clone / "dvc.lock").unlink()
+    for folder in (".dvc/cache", "data/prepared"):
+        shutil.rmtree(clone / folder)
+    # (`restorl` is not on PATH here: a stage that runs instead of being restored fails.)
+    again = _run([BIN / "dvc", "repro", "--pull", "--single-item", "prepare"], clone)
+    assert "Stage 'prepare' is cached - skipping run" in again.stdout + again.stderr, again.stdout
+    assert file_hashes(clone / "data/prepared") == file_hashes(root / "data/prepared")
+
+
+def test_second_run_skips_up_to_date_stages_and_saves_nothing(built, api):
     root = built["root"]
     lock_before = (root / "dvc.lock").read_text()
     runs_before = {p.name: p.read_text() for p in (root / ".restorl/runs").glob("*.json")}
+    refs = _run(["git", "for-each-ref", "refs/exps/"], root).stdout
     start = time.perf_counter()
-    state = training_pipeline(profile="smoke", workspace=str(root), retries=1, retry_delay_s=1, return_state=True)
+    # The same inputs (the seed the first run drew), not asked to promote this time.
+    state = training_pipeline(profile="smoke", workspace=str(root), lineage=True, overrides={"rl": {"seed": built["seed"]}},
+                              retries=1, retry_delay_s=1, return_state=True)
     seconds = time.perf_counter() - start
     assert state.is_completed(), state.message
-    results = state.result()
+    *results, promoted, saved = state.result()
     # Only `source` runs (always_changed): the same listing leaves every other stage up to date.
-    assert {r["stage"]: r["ran"] for r in results[:-1]} == {s: s == "source" for s in _pipeline_stages(root)}
+    assert {r["stage"]: r["ran"] for r in results} == {s: s == "source" for s in _pipeline_stages(root)}
+    assert promoted["skipped"] == "not requested" and not promoted["ran"]
+    assert saved == {"stage": "lineage", "ran": False, "pushed": False}  # dvc.lock unchanged: nothing saved
+    assert _run(["git", "for-each-ref", "refs/exps/"], root).stdout == refs
     assert (root / "dvc.lock").read_text() == lock_before
     assert {p.name: p.read_text() for p in (root / ".restorl/runs").glob("*.json")} == runs_before  # no new MLflow run
     print(f"first run {built['seconds']:.1f} s, second run {seconds:.1f} s")
@@ -259,8 +354,10 @@ def test_transient_failure_is_retried(built, prefect_api, api, tmp_path):
     name = f"lock-{uuid.uuid4().hex[:8]}"
     lock = zc.lockfile.LockFile(str(root / ".dvc/tmp/lock"))
     # The flow runs in its own process, as under a worker, so this one can watch and unlock.
+    # (The built run's seed again: only the always-changed `source` has anything to do.)
     script = (f"from flows.training import training_pipeline as f; f.with_options(flow_run_name={name!r})"
-              f"(profile='smoke', workspace={str(root)!r}, push=False, retries=3, retry_delay_s=3)")
+              f"(profile='smoke', workspace={str(root)!r}, push=False, retries=3, retry_delay_s=3, "
+              f"overrides={{'rl': {{'seed': {built['seed']}}}}})")
     with open(tmp_path / "flow.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=server_env(home, url),
                                 stdout=log, stderr=subprocess.STDOUT)

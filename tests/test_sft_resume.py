@@ -48,17 +48,28 @@ def test_killed_sft_resumes_and_matches_uninterrupted_run(workspace, tmp_path_fa
     assert (reference / "plots/sft_loss.csv").read_text() == (workspace / "plots/sft_loss.csv").read_text()
 
 
-def test_resume_state_for_other_params_is_ignored(workspace):
-    _params(workspace)
-    run_tool([str(BIN / "restorl"), "sft"], workspace)
-    # Plant a state from a different config: the next run must not resume from it.
+def _run_in_process(root, monkeypatch):
+    """`restorl sft` in this process (its output to capsys): where nothing needs a kill, the
+    stage's import is not paid again."""
+    from pipeline.config import load_params
+    from pipeline.stages import sft
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    sft.run(load_params(root / "params.yaml"), root)
+
+
+def test_resume_state_for_other_params_is_ignored(workspace, monkeypatch, capsys):
+    _params(workspace, **SHORT)
+    # Plant a state from a different config: the run must not resume from it.
     from pipeline import checkpoint
 
     g = torch.Generator()
-    checkpoint.save_state(workspace / "checkpoints/resume/sft", fingerprint="other", step=30,
-                          objects={}, generator=g, stats={"loss": [1.0] * 30})
-    out = run_tool([str(BIN / "restorl"), "sft"], workspace)
-    assert "starting fresh" in out.stdout and "resuming" not in out.stdout
+    checkpoint.save_state(workspace / "checkpoints/resume/sft", fingerprint="other", step=10,
+                          objects={}, generator=g, stats={"loss": [1.0] * 10})
+    _run_in_process(workspace, monkeypatch)
+    out = capsys.readouterr().out
+    assert "starting fresh" in out and "resuming" not in out
 
 
 def test_resume_state_for_other_data_is_ignored(workspace):
@@ -74,17 +85,17 @@ def test_resume_state_for_other_data_is_ignored(workspace):
     assert "starting fresh" in out.stdout and "resuming" not in out.stdout
 
 
-def test_an_unreadable_resume_state_is_moved_aside_not_a_traceback(workspace):
+def test_an_unreadable_resume_state_is_moved_aside_not_a_traceback(workspace, monkeypatch, capsys):
     """A state.pt cut short (a full disk, a kill mid-copy) must not block every re-run."""
     state = workspace / "checkpoints/resume/sft/state.pt"
     state.parent.mkdir(parents=True)
     state.write_bytes(b"PK\x03\x04 truncated")
     write_params(workspace, smoke_raw())
-    out = run_tool([str(BIN / "restorl"), "sft"], workspace)
-    assert f"{state.relative_to(workspace)}: unreadable" in out.stdout and "starting fresh" in out.stdout
+    _run_in_process(workspace, monkeypatch)
+    out = capsys.readouterr().out
+    assert f"{state.relative_to(workspace)}: unreadable" in out and "starting fresh" in out
     assert (state.parent / "state.pt.unreadable").read_bytes() == b"PK\x03\x04 truncated"
     assert (workspace / "checkpoints/sft/unet/diffusion_pytorch_model.safetensors").exists()
-
 
 
 def test_resume_state_of_other_code_is_ignored(workspace, monkeypatch):

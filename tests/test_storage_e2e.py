@@ -1,6 +1,10 @@
-"""The smoke pipeline against real local servers: moto S3 (credentials checked) and an MLflow
-server (SQLite backend, artifacts proxied to S3). DVC pushes to and pulls from S3, the champion
-loads from the registry and restores an image, and no secret reaches MLflow or the logs.
+"""One full `restorl repro` of a user's pretrained restorer against real local servers: moto S3
+(credentials checked) and an MLflow server (SQLite backend, artifacts proxied to S3).
+
+The model is the SD-upscaler layout with LoRA adapters on a base read from s3:// (the other
+layouts run stage by stage in tests/test_layouts_e2e.py). DVC pushes to and pulls from S3, the
+champion (the merged model) loads from the registry with no S3 credentials and restores what the
+pulled checkpoint restores, the adapters export merged, and no secret reaches MLflow or the logs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tests.test_storage import (
     moto_fixture,  # noqa: F401  (registers the `moto` fixture here)
     wait_for_port,
 )
+from tests.tiny_models import save_sd_upscale
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +43,7 @@ def buckets(moto):
     endpoint, key_id, secret = moto
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           aws_access_key_id=key_id, aws_secret_access_key=secret)
-    for name in ("mlflow", "dvc"):
+    for name in ("mlflow", "dvc", "models"):
         client.create_bucket(Bucket=name)
     return client
 
@@ -100,23 +105,47 @@ def file_hashes(root: Path, *dirs: str) -> dict[str, str]:
             for d in dirs for p in sorted((root / d).rglob("*")) if p.is_file()}
 
 
+LORA = {"rank": 2, "alpha": 2.0}
+BASE_URI = "s3://models/x2-upscaler"
+
+
 @pytest.fixture(scope="module")
-def smoke_on_s3(moto, mlflow_server, tmp_path_factory):
-    """A git+DVC workspace whose `restorl repro` ran against the servers; returns (root, env, logs)."""
+def smoke_on_s3(moto, buckets, mlflow_server, tmp_path_factory):
+    """A git+DVC workspace whose `restorl repro` (smoke profile, LoRA on the SD-upscaler base at
+    BASE_URI) ran against the servers; returns (root, env, logs)."""
+    base = save_sd_upscale(tmp_path_factory.mktemp("base") / "x2-upscaler")
+    for path in sorted(base.rglob("*")):
+        if path.is_file():
+            buckets.upload_file(str(path), "models", f"x2-upscaler/{path.relative_to(base)}")
     root = tmp_path_factory.mktemp("ws")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     raw = smoke_raw()
-    # An unconditioned restorer: its pyfunc restores a batch without naming a task.
-    raw["model"]["task_conditioning"] = False
+    raw["model"] |= {"pretrained": BASE_URI, "lora": LORA, "prompt": "a photo"}
+    raw["storage"] = {"endpoint_url": moto[0]}
     write_params(root, raw)
     env, logs = tool_env(moto, mlflow_server), []
     run(["git", "init", "-q"], root, env, logs)
     run([str(BIN / "dvc"), "init", "-q"], root, env, logs)
     run([str(BIN / "restorl"), "remote", "s3://dvc/store", "--endpoint", moto[0]], root, env, logs)
-    run([str(BIN / "restorl"), "repro"], root, env, logs)
+    result = run([str(BIN / "restorl"), "repro"], root, env, logs)
+    assert "Running stage 'promote'" in result.stdout
     return root, env, logs
+
+
+def test_lora_on_an_s3_base_trains_adapters_and_registers_the_merged_model(smoke_on_s3, mlflow_server):
+    root, _, _ = smoke_on_s3
+    meta = json.loads((root / "checkpoints/rl/restorl.json").read_text())
+    assert meta["layout"] == "sd_upscale" and meta["prompt"] == "a photo"
+    assert meta["base"]["uri"] == BASE_URI
+    # The checkpoint is the adapters alone; the base stays where it is.
+    assert sorted(p.name for p in (root / "checkpoints/rl").iterdir()) == [
+        "adapter_rl.safetensors", "adapter_sft.safetensors", "restorl.json"]
+    assert json.loads((root / "metrics/evaluate.json").read_text())["overall"]["rl"]["psnr"] > 0
+    champion = MlflowClient(mlflow_server).get_model_version_by_alias("restorer", "champion")
+    assert champion.tags["restorl.layout"] == "sd_upscale" and champion.tags["restorl.adapters"] == "sft,rl"
+    assert champion.tags["restorl.base_uri"] == BASE_URI and champion.tags["restorl.base_hash"] == meta["base"]["hash"]
 
 
 def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflow_server, monkeypatch):
@@ -143,8 +172,27 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     run([str(BIN / "dvc"), "pull"], root, env, logs)
     assert file_hashes(root, "data/prepared", "checkpoints/sft", "checkpoints/rl") == before
 
-    # The champion (the rl stage's model) loads through the server with no S3 credentials on
-    # this side, and it is the pulled checkpoint: same weights, same seed, same restoration.
+    # What the pulled checkpoint restores (its adapters merged into the base, read from S3 with
+    # the keys this side still has), on evaluate's sampling and first batch's seed.
+    from pipeline.config import StorageConfig
+    from pipeline.models.loading import load_restorer
+    from pipeline.seeding import batch_generator
+
+    rng = np.random.default_rng(0)
+    batch = rng.random((2, 32, 32, 3)).astype(np.float32)
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    local = load_restorer(root / "checkpoints/rl", StorageConfig(endpoint_url=moto[0]),
+                          cache=root / ".restorl/pretrained").eval()
+    assert local.layout == "sd_upscale"
+    cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
+    sampling = smoke_params().evaluate.sampling  # the pyfunc's defaults: the evaluated sampling
+    with torch.no_grad():
+        expected = local.restore(cond, sampling.steps, sampling.eta, batch_generator(0, 0), samples=sampling.samples)
+
+    # The champion (the rl stage's model, merged) loads through the server with no S3
+    # credentials on this side, and restores as the pulled checkpoint does.
     for k in list(os.environ):
         if k.startswith("AWS_"):
             monkeypatch.delenv(k)
@@ -153,18 +201,8 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
         monkeypatch.setenv(k, v)
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model("models:/restorer@champion")
-    rng = np.random.default_rng(0)
-    batch = rng.random((2, 32, 32, 3)).astype(np.float32)
     restored = model.predict(batch)
     assert restored.shape == batch.shape and np.isfinite(restored).all()
-    from pipeline.models.loading import load_restorer
-    from pipeline.seeding import batch_generator
-
-    local = load_restorer(root / "checkpoints/rl").eval()
-    cond = torch.from_numpy(batch).permute(0, 3, 1, 2) * 2 - 1
-    sampling = smoke_params().evaluate.sampling  # the pyfunc's defaults: the evaluated sampling
-    expected = local.restore(cond, sampling.steps, sampling.eta, batch_generator(0, 0),  # evaluate's first batch
-                             samples=sampling.samples)
     np.testing.assert_allclose(restored, ((expected + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
     # Promote again: the challenger already is champion, nothing changes.
@@ -172,6 +210,10 @@ def test_pipeline_on_s3_push_pull_and_champion(smoke_on_s3, moto, buckets, mlflo
     assert "UNCHANGED" in again.stdout
     client = MlflowClient(mlflow_server)
     assert str(client.get_model_version_by_alias("restorer", "champion").version) == promote["challenger"]
+
+    # The adapters export merged into a plain pipeline folder (the base read from S3 again).
+    run([str(BIN / "restorl"), "export", "checkpoints/rl", "exported"], root, env, logs)
+    assert load_restorer(root / "exported").layout == "sd_upscale"
 
 
 def test_no_secret_reaches_mlflow_or_the_logs(smoke_on_s3, moto, mlflow_server, tmp_path, monkeypatch):
