@@ -566,6 +566,17 @@ class PromoteConfig(Section):
     # the champion lineage it may be (in the metric's units; the direction comes from pyiqa).
     # Against the lineage's best, not the current champion's: tolerances cannot ratchet down.
     guards: dict[str, float] = Field(default_factory=lambda: {"psnr": 0.1, "ssim": 0.005, "gmsd": 0.002})
+    # The held-out judge (checkpoints/judge, a no-reference model trained on images neither the
+    # reward nor RL saw) scores both on test: the challenger's mean may fall at most this below
+    # the champion's (raw judge units; 0: no fall at all). None: not checked, no judge needed.
+    judge_guard: float | None = 0.0
+
+    @field_validator("judge_guard")
+    @classmethod
+    def _judge_guard(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError(f"{v} must be >= 0 (or null: no judge check)")
+        return v
 
     @field_validator("guards")
     @classmethod

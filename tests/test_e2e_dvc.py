@@ -99,7 +99,8 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     # The RL model is the challenger (and, first of all, promoted); it restores through pyfunc.
     assert str(client.get_model_version_by_alias("restorer", "challenger").version) == "2"
-    assert json.loads((tmp_path / "metrics/promote.json").read_text())["challenger"] == "2"
+    promote = json.loads((tmp_path / "metrics/promote.json").read_text())
+    assert promote["challenger"] == "2" and "judge" in promote["figures"]["challenger"]  # promote.judge_guard
     model = mlflow.pyfunc.load_model("models:/restorer@challenger")
     import numpy as np
 

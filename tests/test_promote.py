@@ -29,7 +29,7 @@ from pipeline.models.reward_model import RewardModel
 from pipeline.paths import Paths
 from pipeline.rewards import iqa
 from pipeline.stages import promote as promote_stage
-from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, write_params
+from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, stand_in_judge, write_params
 
 NAME = "restorer"
 
@@ -50,6 +50,7 @@ def store(workspace, empty_db, monkeypatch):
     monkeypatch.chdir(workspace)
     torch.manual_seed(0)
     RewardModel(kernels=8, hidden=16).save(Paths(workspace).reward_model)
+    stand_in_judge(workspace)  # the held-out judge promote.judge_guard reads
     return workspace
 
 
@@ -113,7 +114,9 @@ def test_better_challenger_is_promoted(store):
     worse = register(store, "noisy")
     promote(store)
     better = register(store, "identity")
-    decision = promote(store, reward="psnr")  # full-reference reward: needs the GT passed along
+    # psnr: a full-reference reward (needs the GT passed along). The stand-in judge is untrained,
+    # so its view of noise is arbitrary: its guard is tested on its own.
+    decision = promote(store, reward="psnr", judge_guard=None)
     client = MlflowClient()
     assert decision.outcome == "promoted", decision.reason
     assert decision.champion == worse
@@ -153,12 +156,59 @@ def test_the_default_reward_is_the_learned_one_the_challenger_was_trained_with(s
 def test_a_challenger_that_games_its_reward_is_refused_by_the_independent_judge():
     """Reward up, PSNR and SSIM within tolerance, GMSD (never trained on) clearly worse: refused."""
     params = smoke_params()
-    champion = {"reward": -6.3, "psnr": 30.0, "ssim": 0.900, "gmsd": 0.040}
-    gamed = {"reward": -5.0, "psnr": 29.95, "ssim": 0.898, "gmsd": 0.050}
+    champion = {"reward": -6.3, "psnr": 30.0, "ssim": 0.900, "gmsd": 0.040, "judge": 0.5}
+    gamed = {"reward": -5.0, "psnr": 29.95, "ssim": 0.898, "gmsd": 0.050, "judge": 0.5}
     outcome, reason = promote_stage.judge({"challenger": gamed, "champion": champion}, params)
     assert outcome == "refused" and reason.startswith("gmsd 0.05 is 0.01 worse") and "psnr" not in reason
     honest = gamed | {"gmsd": 0.041}
     assert promote_stage.judge({"challenger": honest, "champion": champion}, params)[0] == "promoted"
+
+
+def test_a_challenger_the_held_out_judge_scores_lower_is_refused():
+    """Reward up, every full-reference guard within tolerance, but the held-out judge (a
+    no-reference model neither the reward nor RL saw images of) scores it lower: refused.
+    Within promote.judge_guard, or with the guard off, the same figures are promoted."""
+    champion = {"reward": -6.3, "psnr": 30.0, "ssim": 0.900, "gmsd": 0.040, "judge": 0.50}
+    gamed = {"reward": -5.0, "psnr": 29.98, "ssim": 0.899, "gmsd": 0.041, "judge": 0.45}
+    figures = {"challenger": gamed, "champion": champion}
+    outcome, reason = promote_stage.judge(figures, smoke_params())  # the default guard: 0
+    assert outcome == "refused", reason
+    assert reason == "held-out judge 0.45 fell 0.05 below the champion's 0.5 (promote.judge_guard 0)"
+    outcome, reason = promote_stage.judge(figures, smoke_params(promote={"judge_guard": 0.1}))
+    assert outcome == "promoted" and "held-out judge 0.45 (champion 0.5) within promote.judge_guard" in reason
+    off = smoke_params(promote={"judge_guard": None})
+    assert promote_stage.judge(figures, off)[0] == "promoted"
+    # With the guard on, a missing judge figure is no decision.
+    with pytest.raises(promote_stage.PromotionError, match=r"challenger: figures \['judge'\] missing"):
+        promote_stage.judge({"challenger": {k: v for k, v in gamed.items() if k != "judge"}, "champion": champion},
+                            smoke_params())
+
+
+def test_the_held_out_judge_scores_both_and_is_needed_when_it_guards(store):
+    """The judge figure is checkpoints/judge's mean score of the version's test restorations; with
+    promote.judge_guard set and no judge, promote is one error naming the key and the file and
+    changes nothing; with the guard off it needs no judge."""
+    from pipeline.models.loading import load_restorer
+    from pipeline.models.sampling import restore_split
+    from pipeline.rewards.scorers import LearnedScorer
+
+    version = register(store, "noisy")
+    decision = promote(store)
+    test = load_split(Paths(store).data, "test")
+    restored = restore_split(load_restorer(store / "checkpoints/noisy0.3"), test, smoke_params())
+    expected = float(LearnedScorer(Paths(store).judge_model, torch.device("cpu"))(restored).mean())
+    assert decision.figures["challenger"]["judge"] == pytest.approx(expected, abs=1e-5)
+    tags = MlflowClient().get_model_version(NAME, version).tags
+    assert float(tags["restorl.promote.judge"]) == pytest.approx(expected, rel=1e-4)
+
+    register(store, "identity")
+    shutil.rmtree(Paths(store).judge_model)
+    with pytest.raises(promote_stage.PromotionError, match=r"promote\.judge_guard is 0\.0 but there is no held-out "
+                                                            r"judge at .*checkpoints/judge/model\.safetensors"):
+        promote(store)
+    assert aliases(MlflowClient())["champion"] == version and len(promote_runs(MlflowClient())) == 1
+    decision = promote(store, judge_guard=None)
+    assert "judge" not in decision.figures["challenger"] and "judge" not in decision.figures["champion"]
 
 
 def test_guards_cannot_ratchet_down_along_the_champion_lineage(store):
@@ -323,7 +373,7 @@ def test_cli_refusal_is_one_error_line_and_exit_2(tmp_path):
 def test_judge_reads_the_reward_direction_from_the_metric():
     """PIQE is lower-is-better: a challenger 10 below the champion gains +10, one 10 above loses."""
     params = smoke_params(promote={"reward": "piqe", "min_reward_gain": 1.0})
-    fidelity = {"psnr": 30.0, "ssim": 0.9, "gmsd": 0.04}
+    fidelity = {"psnr": 30.0, "ssim": 0.9, "gmsd": 0.04, "judge": 0.5}
     better = {"challenger": {"reward": 40.0, **fidelity}, "champion": {"reward": 50.0, **fidelity}}
     outcome, reason = promote_stage.judge(better, params)
     assert outcome == "promoted" and reason.startswith("piqe gain +10")

@@ -13,7 +13,11 @@ scored with
   GMSD) that none of the RL reward's terms may be. Each may be worse than the *best value of the
   champion lineage* (every champion before, on the same test data and sampling) by at most its
   tolerance, so a model that games its reward is refused, and small losses cannot add up over
-  a chain of promotions.
+  a chain of promotions;
+- the held-out judge (checkpoints/judge, the judge stage's no-reference model, trained on images
+  neither the reward nor RL saw) with `promote.judge_guard`: the challenger's mean score may fall
+  at most that much below the champion's. Both are scored by the judge in the workspace now,
+  so there is no lineage best (a retrained judge re-scores every model). `null`: not checked.
 
 A first model (no champion yet) becomes champion once it can be scored. Right before moving the
 alias the champion is read again: when another promote moved it meanwhile, nothing changes and
@@ -47,6 +51,7 @@ from pipeline.data.dataset import PairedSplit, load_split
 from pipeline.device import setup_runtime
 from pipeline.errors import UserError
 from pipeline.model_registry import CHAMPION, alias_version, set_alias
+from pipeline.models.reward_model import WEIGHTS as LEARNED_WEIGHTS
 from pipeline.models.sampling import restore_split
 from pipeline.paths import Paths
 from pipeline.redaction import redact
@@ -56,6 +61,7 @@ from pipeline.storage import pyiqa_cache_dir
 
 SECTIONS = ["promote", "evaluate"]
 LEARNED = "learned"
+JUDGE = "judge"  # the held-out judge's figure
 TAG = "restorl.promote."  # prefix of the decision tags on a model version
 PROMOTED, REFUSED, UNCHANGED = "promoted", "refused", "unchanged"
 
@@ -182,6 +188,10 @@ def check_judges(params: Params, tags: dict[str, str], paths: Paths, challenger:
         if not full_reference:
             raise PromotionError(f"promote.guards.{metric}: not a full-reference metric; a guard compares "
                                  "restorations with the GT")
+    if cfg.judge_guard is not None and not (paths.judge_model / LEARNED_WEIGHTS).exists():
+        raise PromotionError(f"promote.judge_guard is {cfg.judge_guard} but there is no held-out judge at "
+                             f"{paths.judge_model / LEARNED_WEIGHTS}: run `restorl judge` first, or set "
+                             "promote.judge_guard: null to promote without it")
     if cfg.reward == LEARNED:
         trained_with = tags.get("restorl.reward_hash")
         if not trained_with:
@@ -194,10 +204,13 @@ def check_judges(params: Params, tags: dict[str, str], paths: Paths, challenger:
 
 
 def decision_key(params: Params, paths: Paths, champion: str | None) -> str:
-    """What a decision depends on besides the challenger: champion, test data, settings, reward."""
+    """What a decision depends on besides the challenger: champion, test data, settings, reward
+    (and the judge, when it guards)."""
     manifest = paths.manifest.read_bytes() if paths.manifest.exists() else b""
     reward = file_hash(paths.reward_model) if params.promote.reward == LEARNED and paths.reward_model.exists() else ""
+    judge = file_hash(paths.judge_model) if params.promote.judge_guard is not None and paths.judge_model.exists() else ""
     blob = json.dumps({"champion": champion, "data": hashlib.sha256(manifest).hexdigest(), "reward": reward,
+                       **({"judge": judge} if judge else {}),
                        "settings": params.section_hash(*SECTIONS), "seed": params.runtime.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -236,7 +249,8 @@ def improved_best(best: dict[str, float], figures: dict[str, float], guards: dic
 
 def score_version(name: str, version: str, test: PairedSplit, params: Params, paths: Paths,
                   device: torch.device) -> dict[str, float]:
-    """Mean reward and guards of one registered version's restorations of `test`."""
+    """Mean reward, guards and (with promote.judge_guard) held-out judge score of one registered
+    version's restorations of `test`."""
     try:
         pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         model = pyfunc.unwrap_python_model().model.to(device)
@@ -248,6 +262,8 @@ def score_version(name: str, version: str, test: PairedSplit, params: Params, pa
     try:
         figures = {"reward": reward_mean(reward, restored, gt, paths, params.evaluate.batch_size, weights_dir)}
         figures |= {m: float(iqa.score(m, restored, gt, weights_dir=weights_dir).mean()) for m in params.promote.guards}
+        if params.promote.judge_guard is not None:
+            figures[JUDGE] = learned_mean(paths.judge_model, restored, params.evaluate.batch_size)
     except iqa.MetricError as err:
         raise PromotionError(f"{name} v{version}: figures missing, refusing to decide: {err}") from None
     bad = [m for m, v in figures.items() if not math.isfinite(v)]
@@ -261,7 +277,12 @@ def reward_mean(reward: str, restored: torch.Tensor, gt: torch.Tensor, paths: Pa
     if reward != LEARNED:
         ref = gt if iqa.needs_reference(reward) else None
         return float(iqa.score(reward, restored, ref, weights_dir=weights_dir).mean())
-    scorer = LearnedScorer(paths.reward_model, restored.device)
+    return learned_mean(paths.reward_model, restored, batch_size)
+
+
+def learned_mean(model_dir: Path, restored: torch.Tensor, batch_size: int) -> float:
+    """Mean score of a learned no-reference model (the reward or the judge) over `restored`."""
+    scorer = LearnedScorer(model_dir, restored.device)
     with torch.no_grad():
         return float(torch.cat([scorer(restored[i:i + batch_size]).cpu()
                                 for i in range(0, len(restored), batch_size)]).mean())
@@ -276,8 +297,9 @@ def judge(figures: dict[str, dict[str, float]], params: Params,
     """(outcome, reason) from the challenger's and the champion's figures; `best`: per guard,
     the best value of the champion lineage (default: the champion's own figures)."""
     cfg = params.promote
+    needed = ("reward", *cfg.guards, *([JUDGE] if cfg.judge_guard is not None else []))
     for who, fig in figures.items():
-        missing = [m for m in ("reward", *cfg.guards) if m not in fig or not math.isfinite(fig[m])]
+        missing = [m for m in needed if m not in fig or not math.isfinite(fig[m])]
         if missing:
             raise PromotionError(f"{who}: figures {missing} missing, refusing to decide")
     new = figures["challenger"]
@@ -296,11 +318,18 @@ def judge(figures: dict[str, dict[str, float]], params: Params,
         if loss > tol:
             failures.append(f"{m} {new[m]:.4g} is {loss:.4g} worse than the lineage's best {best[m]:.4g} "
                             f"(tolerance {tol:g}; champion {old[m]:.4g})")
+    judged = ""
+    if cfg.judge_guard is not None:
+        drop = old[JUDGE] - new[JUDGE]
+        if drop > cfg.judge_guard:
+            failures.append(f"held-out judge {new[JUDGE]:.4g} fell {drop:.4g} below the champion's "
+                            f"{old[JUDGE]:.4g} (promote.judge_guard {cfg.judge_guard:g})")
+        judged = f"; held-out judge {new[JUDGE]:.4g} (champion {old[JUDGE]:.4g}) within promote.judge_guard"
     if failures:
         return REFUSED, "; ".join(failures)
     return PROMOTED, (f"{cfg.reward} gain {gain:+.4g} >= {cfg.min_reward_gain:+.4g}; "
                       + ", ".join(f"{m} {new[m]:.4g} (lineage's best {best[m]:.4g})" for m in cfg.guards)
-                      + " within tolerance")
+                      + " within tolerance" + judged)
 
 
 def _report(decision: Decision, paths: Paths) -> Decision:
