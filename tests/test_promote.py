@@ -184,6 +184,14 @@ def test_a_challenger_the_held_out_judge_scores_lower_is_refused():
                             smoke_params())
 
 
+def test_a_negative_judge_guard_is_a_params_error_naming_the_key():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"promote\.judge_guard: -0\.5 must be >= 0 \(or null: no judge check\)"):
+        smoke_params(promote={"judge_guard": -0.5})
+    assert smoke_params(promote={"judge_guard": None}).promote.judge_guard is None
+
+
 def test_the_held_out_judge_scores_both_and_is_needed_when_it_guards(store):
     """The judge figure is checkpoints/judge's mean score of the version's test restorations; with
     promote.judge_guard set and no judge, promote is one error naming the key and the file and
