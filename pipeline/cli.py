@@ -31,7 +31,8 @@ def _run_stage(name: str, params_file: Path, profile: Optional[str], many_proces
     (docs/distributed.md); any other stage started by one is refused."""
     import importlib
 
-    from pipeline.config import NO_CUDA, ConfigError, load_params
+    from pipeline import part_names
+    from pipeline.config import NO_CUDA, ConfigError, load_params, params_source
     from pipeline.distributed import is_main, world_size
     from pipeline.storage import require_tracking_server
     from pipeline.tracking import configure, tracking_uri
@@ -43,6 +44,9 @@ def _run_stage(name: str, params_file: Path, profile: Optional[str], many_proces
             raise UserError(f"{name} runs as one process (only sft, reward, rl and evaluate run on many); start it without "
                             f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
+        # The part names this stage uses, before the tracking store is touched or the stage's
+        # slow imports run (the stage checks them again for library callers).
+        part_names.check(cfg, params_source(params_file, profile), rl_parts=name == "rl")
         # CUDA asked for and absent: torch alone tells, seconds before the stage's imports (it is
         # imported only then: source and prepare never need it).
         if cfg.runtime.device == "cuda":
@@ -161,12 +165,12 @@ def show_params(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     """Print (or write) the validated params with a profile merged in (part names checked too).
     Without a params file here it starts from restorl's defaults: `restorl params -o
     params.yaml` writes a workspace's first params.yaml."""
-    from pipeline.config import load_raw
+    from pipeline.config import load_raw, params_source
     from pipeline.part_names import validate
 
     try:
         raw = load_raw(params, profile, defaults_if_missing=params == ParamsOpt.default)
-        validate(raw, str(params) + (f" (profile {profile})" if profile else ""))
+        validate(raw, params_source(params, profile))
     except USER_ERRORS as err:
         _fail(err)
     text = yaml.safe_dump(raw, sort_keys=False)

@@ -744,8 +744,12 @@ def load_raw(path: str | Path = "params.yaml", profile: str | None = None,
     return raw
 
 
+def params_source(path: str | Path, profile: str | None = None) -> str:
+    """How errors name a params file with a profile merged over it."""
+    return str(path) + (f" (profile {profile})" if profile else "")
+
+
 def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     """params.yaml with a profile merged over it, validated by the schema (part names are
     checked by pipeline/part_names.py)."""
-    source = str(path) + (f" (profile {profile})" if profile else "")
-    return validate(load_raw(path, profile), source)
+    return validate(load_raw(path, profile), params_source(path, profile))

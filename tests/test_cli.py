@@ -33,7 +33,8 @@ def test_params_command_prints_merged_profile(tmp_path):
 
 def test_unknown_part_names_fail_before_any_work(tmp_path):
     """Part names are checked against the parts (not the schema), still before any work:
-    prepare with a degradation that does not exist, rl with a step credit that does not."""
+    prepare with a degradation that does not exist, rl with a step credit that does not (named
+    with the file, before the workspace's MLflow store is created)."""
     raw = smoke_raw()
     raw["prepare"]["degradations"]["tasks"]["fog"] = {"weight": 1}
     write_params(tmp_path, raw)
@@ -50,8 +51,11 @@ def test_unknown_part_names_fail_before_any_work(tmp_path):
     write_params(tmp_path, raw)
     proc = run_tool([str(BIN / "restorl"), "rl"], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "rl.step_credit: unknown 'gae'; known: ['coca', 'next_checkpoint', 'terminal']" in proc.stderr
+    assert "params.yaml: invalid params: rl.step_credit: unknown 'gae'; known: ['coca', 'next_checkpoint', " \
+           "'terminal']" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+    # Checked before the tracking store is created (and before the stage's imports).
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_diverging_sft_stops_at_the_first_non_finite_loss(tmp_path, prepared_smoke):

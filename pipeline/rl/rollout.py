@@ -8,11 +8,14 @@ recomputes log-probs of the same transitions under the current weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.models.restorer import Restorer
 from pipeline.rl.policy import gaussian_log_prob, step_mask
+
+if TYPE_CHECKING:  # annotations only: the part registries (parts.py) stay free of diffusers
+    from pipeline.models.restorer import Restorer
 
 
 @dataclass
