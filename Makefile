@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/restorl repro
 
-# Two pytest workers (pytest-xdist), each test file on one of them: module fixtures stay shared
+# ruff (pyproject.toml), then two pytest workers (pytest-xdist), each test file on one of them: module fixtures stay shared
 # and the end-to-end files run side by side. TEST_WORKERS=1 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: setup
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Serve prefect.yaml's deployments from this machine; needs PREFECT_API_URL (docs/prefect.md).

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
+from pipeline import evaluate_record, scoring
 from pipeline.config import PROFILES_DIR, deep_merge, read_yaml, validate
 from pipeline.data.dataset import PairedSplit
 from pipeline.experiments import ablation
-from pipeline import evaluate_record, scoring
 from pipeline.scoring import score_outputs
 from pipeline.stages.rl import write_curves
 from tests.conftest import BIN, REPO, run_tool, smoke_raw, write_params

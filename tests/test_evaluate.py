@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.dataset import load_split
 from pipeline import evaluate_record, scoring
+from pipeline.data.dataset import load_split
 from pipeline.stages import evaluate
 from tests.conftest import smoke_params
 
@@ -258,9 +258,8 @@ def test_streamed_evaluation_scores_the_restorations_every_stage_makes(tmp_path,
     from pipeline.models.loading import load_restorer
     from pipeline.models.sampling import restore_split
     from pipeline.paths import Paths
-    from tests.conftest import scored_stand_ins
-
     from pipeline.stages import prepare
+    from tests.conftest import scored_stand_ins
 
     prepare.run(smoke_params(prepare={"patches_per_image": {"train": 12, "val": 4, "test": 10}}), tmp_path / "data")
     root = scored_stand_ins(tmp_path / "ws", tmp_path / "data")

@@ -27,8 +27,7 @@ from pipeline.rewards import iqa
 from pipeline.rewards.scorers import build_reward, load_reward
 from pipeline.scoring import score_outputs
 from tests.conftest import BIN, run_tool, smoke_params, smoke_raw, write_params
-from tests.test_storage import make_bucket, s3
-from tests.test_storage import creds, moto_fixture  # noqa: F401  (registers the `creds` and `moto` fixtures here)
+from tests.test_storage import creds, make_bucket, moto_fixture, s3  # noqa: F401  (registers the `creds` and `moto` fixtures here)
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.sources import DataError
 from pipeline.data.patches import task_counts
+from pipeline.data.sources import DataError
 from pipeline.stages import prepare
 from tests.conftest import smoke_params
 
