@@ -22,16 +22,17 @@ USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def _run_stage(name: str, params_file: Path, profile: Optional[str], many_processes: bool = False,
-               report: Optional[Callable[[ModuleType, object], str]] = None) -> None:
+               report: Optional[Callable[[ModuleType, object], str]] = None,
+               precheck: Optional[Callable[[object, str], None]] = None) -> None:
     """Load and validate the params, check the device and the tracking server, then import the
     stage module `pipeline.stages.<name>` and run it (it checks the part names it uses before any work);
-    `report(stage, result)`, if given, is printed after. The stage is imported last: its imports
+    `precheck(params, source)`, if given, runs right after the params load (the stage's own
+    checks that need no tracking store). `report(stage, result)`, if given, is printed after. The stage is imported last: its imports
     (torch, diffusers, MLflow) take seconds, and a bad setting or an unreachable server is
     reported before them. `many_processes`: the stage runs under a launcher
     (docs/distributed.md); any other stage started by one is refused."""
     import importlib
 
-    from pipeline import part_names
     from pipeline.config import NO_CUDA, ConfigError, load_params, params_source
     from pipeline.distributed import is_main, world_size
     from pipeline.storage import require_tracking_server
@@ -44,9 +45,8 @@ def _run_stage(name: str, params_file: Path, profile: Optional[str], many_proces
             raise UserError(f"{name} runs as one process (only sft, reward, rl and evaluate run on many); start it without "
                             f"torchrun/accelerate launch (WORLD_SIZE is {world_size()}; docs/distributed.md)")
         cfg = load_params(params_file, profile)
-        # The part names this stage uses, before the tracking store is touched or the stage's
-        # slow imports run (the stage checks them again for library callers).
-        part_names.check(cfg, params_source(params_file, profile), rl_parts=name == "rl")
+        if precheck:
+            precheck(cfg, params_source(params_file, profile))
         # CUDA asked for and absent: torch alone tells, seconds before the stage's imports (it is
         # imported only then: source and prepare never need it).
         if cfg.runtime.device == "cuda":
@@ -120,7 +120,13 @@ def source(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> Non
 @app.command()
 def prepare(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Cut HQ patches and make their degraded LQ twins (data/prepared)."""
-    _run_stage("prepare", params, profile)
+
+    def part_names(cfg, source: str) -> None:  # named with the file, before MLflow and the stage's imports
+        from pipeline.data import degradations
+
+        degradations.check(cfg.prepare.degradations, source)
+
+    _run_stage("prepare", params, profile, precheck=part_names)
 
 
 @app.command()
@@ -156,7 +162,13 @@ def score(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None
 @app.command()
 def rl(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Difficulty-adaptive RL fine-tuning of the SFT model from the reward (checkpoints/rl)."""
-    _run_stage("rl", params, profile, many_processes=True)
+
+    def part_names(cfg, source: str) -> None:  # named with the file, before MLflow and the stage's imports
+        from pipeline.rl import parts
+
+        parts.pick(cfg.rl, source)
+
+    _run_stage("rl", params, profile, many_processes=True, precheck=part_names)
 
 
 @app.command("params")

@@ -1,8 +1,8 @@
 """The files of this package that a stage's command runs: `restorl <stage>` is pipeline/cli.py
-(its module-level imports and those of `_run_stage`, which every stage command goes through and
-which imports the stage module by name) plus the stage module and, transitively, every module
-of the package they import — at module level or inside a function (a lazy import runs too), but
-not under `if TYPE_CHECKING:`.
+(its module-level imports, those of `_run_stage`, which every stage command goes through and
+which imports the stage module by name, and those of the command function itself) plus the
+stage module and, transitively, every module of the package they import — at module level or
+inside a function (a lazy import runs too), but not under `if TYPE_CHECKING:`.
 
 A module this package hands to another program to run by path, not by import, counts as
 imported by the module that hands it over (`RUN_BY_PATH`).
@@ -83,21 +83,22 @@ def closure(modules: set[str], root: Path = PACKAGE_ROOT) -> set[Path]:
     return seen
 
 
-def cli_imports(root: Path = PACKAGE_ROOT) -> set[str]:
-    """What `restorl <stage>` imports before the stage: cli.py's module-level imports and `_run_stage`'s."""
+def cli_imports(stage: str, root: Path = PACKAGE_ROOT) -> set[str]:
+    """What `restorl <stage>` imports besides the stage: cli.py's module-level imports, `_run_stage`'s
+    and those of the stage's command function (cli.py's function named after the stage)."""
     tree = ast.parse((root / "pipeline" / "cli.py").read_text())
     found: set[str] = set()
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             found |= imported_modules(node, "pipeline")
-        elif isinstance(node, ast.FunctionDef) and node.name == "_run_stage":
+        elif isinstance(node, ast.FunctionDef) and node.name in ("_run_stage", stage):
             found |= imported_modules(node, "pipeline")
     return found
 
 
 def stage_files(stage: str, root: Path = PACKAGE_ROOT) -> set[Path]:
     """Every file of this repository that `restorl <stage>` runs."""
-    return closure(cli_imports(root) | {f"pipeline.stages.{stage}"}, root) | {root / "pipeline" / "cli.py"}
+    return closure(cli_imports(stage, root) | {f"pipeline.stages.{stage}"}, root) | {root / "pipeline" / "cli.py"}
 
 
 def code_hash(stage: str, root: Path = PACKAGE_ROOT) -> str:

@@ -40,8 +40,9 @@ def test_unknown_part_names_fail_before_any_work(tmp_path):
     write_params(tmp_path, raw)
     proc = run_tool([str(BIN / "restorl"), "prepare"], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
-    assert "prepare.degradations.tasks.fog: unknown degradation 'fog'" in proc.stderr
+    assert "params.yaml: invalid params: prepare.degradations.tasks.fog: unknown degradation 'fog'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "data").exists()
+    assert not (tmp_path / "mlflow.db").exists()
     # `restorl params` checks every name up front, as repro and the flow do.
     proc = run_tool([str(BIN / "restorl"), "params"], tmp_path, check=False)
     assert proc.returncode == 2 and "tasks.fog: unknown degradation" in proc.stderr

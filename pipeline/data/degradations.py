@@ -155,10 +155,11 @@ def problems(cfg: "DegradationConfig") -> list[str]:
     return found
 
 
-def check(cfg: "DegradationConfig") -> None:
-    """A `ConfigError` naming each key of `prepare.degradations` that names no degradation or parameter."""
+def check(cfg: "DegradationConfig", source: str | None = None) -> None:
+    """A `ConfigError` naming each key of `prepare.degradations` that names no degradation or
+    parameter (and `source`, the params file, when given)."""
     from pipeline.config import ConfigError
 
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid params: " + "; ".join(found))
+        raise ConfigError((f"{source}: " if source else "") + "invalid params: " + "; ".join(found))

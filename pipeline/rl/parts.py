@@ -66,11 +66,12 @@ def problems(cfg: RlConfig) -> list[str]:
     return found
 
 
-def pick(cfg: RlConfig) -> RlParts:
-    """The parts `cfg` names; a `ConfigError` naming the key of any unknown name."""
+def pick(cfg: RlConfig, source: str | None = None) -> RlParts:
+    """The parts `cfg` names; a `ConfigError` naming the key of any unknown name (and `source`,
+    the params file, when given)."""
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid params: " + "; ".join(found))
+        raise ConfigError((f"{source}: " if source else "") + "invalid params: " + "; ".join(found))
     return RlParts(OBJECTIVES[cfg.objective], STEP_CREDIT[cfg.step_credit], STEP_WEIGHTING[cfg.step_weighting],
                    WEIGHTINGS[cfg.difficulty.weighting], tuple(REGULARIZERS[n] for n in cfg.regularizers),
                    kl=cfg.kl_beta > 0)
