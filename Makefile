@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/restorl repro
 
-# ruff (pyproject.toml), then two pytest workers (pytest-xdist), each test file on one of them: module fixtures stay shared
-# and the end-to-end files run side by side. TEST_WORKERS=1 runs the suite in one process.
+# ruff (pyproject.toml), then two pytest workers (pytest-xdist), each test file on one of them:
+# module fixtures stay shared and the end-to-end files run side by side. TEST_WORKERS=1 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/ruff check --quiet .

@@ -25,11 +25,12 @@ def _run_stage(name: str, params_file: Path, profile: Optional[str], many_proces
                report: Optional[Callable[[ModuleType, object], str]] = None,
                precheck: Optional[Callable[[object, str], None]] = None) -> None:
     """Load and validate the params, check the device and the tracking server, then import the
-    stage module `pipeline.stages.<name>` and run it (it checks the part names it uses before any work);
-    `precheck(params, source)`, if given, runs right after the params load (the stage's own
-    checks that need no tracking store). `report(stage, result)`, if given, is printed after. The stage is imported last: its imports
-    (torch, diffusers, MLflow) take seconds, and a bad setting or an unreachable server is
-    reported before them. `many_processes`: the stage runs under a launcher
+    stage module `pipeline.stages.<name>` and run it (it checks the part names it uses before
+    any work). `precheck(params, source)`, if given, runs right after the params load: checks
+    of the stage's that need no tracking store (`source` names the params file). `report(stage,
+    result)`, if given, is printed after. The stage is imported last: its imports (torch,
+    diffusers, MLflow) take seconds, and a bad setting or an unreachable server is reported
+    before them. `many_processes`: the stage runs under a launcher
     (docs/distributed.md); any other stage started by one is refused."""
     import importlib
 
