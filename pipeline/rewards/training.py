@@ -10,7 +10,11 @@ from Rankings for No-reference Image Quality Assessment", 2017) to the pairs
 - quality: GT over LQ, GT over the SFT output, the SFT output over LQ where it is closer to GT
   (PSNR), GT over each fresh copy;
 - hacks: the SFT output over each of its hacked copies (dither, unsharp, blur, contrast), so the
-  reward cannot be gamed by the edits the controls test (weighted by `hack_weight`).
+  reward cannot be gamed by the edits the controls test (weighted by `hack_weight`);
+- detail (with `detail_weight` > 0): GT over GT plus the high-pass of the SFT output's error,
+  and the SFT output less that high-pass over the SFT output. The error's fine part (residual
+  noise and streaks, lost edges) then costs score at either image's own brightness, so a model
+  cannot rank by brightness alone where SFT is also darker than GT (low light).
 
 The fresh copies are drawn once per run from every degradation family at its default ranges
 (pipeline/data/degradations.py): more negatives than the fixed pairs. The acceptance checks
@@ -34,7 +38,7 @@ from pipeline.checkpoint import ensure_finite
 from pipeline.config import RewardConfig
 from pipeline.data.dataset import PairedSplit
 from pipeline.data.degradations import DEGRADATIONS, degrade
-from pipeline.models.reward_model import RewardModel
+from pipeline.models.reward_model import RewardModel, high_pass
 from pipeline.rewards.checks import failures
 from pipeline.rewards.hacks import HACKS
 from pipeline.rewards.iqa import psnr
@@ -58,10 +62,11 @@ def train_reward_model(cfg: RewardConfig, train: PairedSplit, train_sft: torch.T
                              num_training_steps=cfg.steps)
     for step in tqdm(range(cfg.steps), desc=name, unit="step", disable=not main):
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=generator)
-        images, quality, hacks = training_batch(train.gt[idx], train_lq[idx], train_sft[idx],
-                                                [f[idx] for f in fresh], generator)
-        quality_loss, hack_loss = pair_losses(model, images.to(device), (quality, hacks), cfg.batch_size, mine)
-        loss = quality_loss + cfg.hack_weight * hack_loss
+        images, *pairs = training_batch(train.gt[idx], train_lq[idx], train_sft[idx], [f[idx] for f in fresh],
+                                        generator, detail=cfg.detail_weight > 0)
+        quality_loss, hack_loss, *detail_loss = pair_losses(model, images.to(device), pairs, cfg.batch_size, mine)
+        detail_loss = detail_loss[0] if detail_loss else torch.zeros((), device=device)
+        loss = quality_loss + cfg.hack_weight * hack_loss + cfg.detail_weight * detail_loss
         global_loss = distributed.mean(loss.detach())  # the loss of the global batch
         ensure_finite(global_loss, name, f"step {step + 1}", resume)
         optimizer.zero_grad(set_to_none=True)
@@ -70,9 +75,10 @@ def train_reward_model(cfg: RewardConfig, train: PairedSplit, train_sft: torch.T
         optimizer.step()
         schedule.step()
         if (step + 1) % 20 == 0 or step + 1 == cfg.steps:
-            logged = distributed.mean(torch.stack([quality_loss, hack_loss]).detach())
+            names = ["bt_loss", "hack_loss"] + ["detail_loss"] * (cfg.detail_weight > 0)
+            logged = distributed.mean(torch.stack([quality_loss, hack_loss, detail_loss][:len(names)]).detach())
             if main:
-                mlflow.log_metrics({"bt_loss": logged[0].item(), "hack_loss": logged[1].item()}, step=step + 1)
+                mlflow.log_metrics({k: v.item() for k, v in zip(names, logged)}, step=step + 1)
     return model.eval()
 
 
@@ -105,10 +111,11 @@ def fresh_degradations(gt: torch.Tensor, rng: np.random.Generator) -> torch.Tens
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator):
+def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator, detail: bool = False):
     """Stacked images [GT, LQ, SFT, *fresh, *hack(SFT)] under one random dihedral transform and
-    colour-channel permutation, and
-    (better, worse) index pairs into them: quality pairs and hack pairs, each an (P, 2) tensor."""
+    colour-channel permutation, and (better, worse) index pairs into them: quality pairs and hack
+    pairs, each an (P, 2) tensor. With `detail`, also [GT + SFT's detail error, SFT less it] and
+    the detail pairs."""
     k, flip = int(torch.randint(0, 4, (1,), generator=generator)), bool(torch.rand(1, generator=generator) < 0.5)
     channels = torch.randperm(3, generator=generator)  # colour permutation: more content variety
     natural = [torch.rot90(x[:, channels], k, (2, 3)) for x in (gt, lq, restored, *fresh)]
@@ -116,12 +123,18 @@ def training_batch(gt, lq, restored, fresh: list[torch.Tensor], generator):
         natural = [x.flip(3) for x in natural]
     gt, lq, restored = natural[:3]
     images = natural + [hack(restored, generator) for hack in HACKS.values()]
+    if detail:  # the fine part of SFT's error (residual noise and streaks, missing edges) moved
+        error = high_pass(restored - gt)  # onto GT, and taken off SFT, its brightness and colour kept
+        images += [(gt + error).clamp(-1, 1), (restored - error).clamp(-1, 1)]
     group = [torch.arange(len(gt)) + j * len(gt) for j in range(len(images))]  # indices per image kind
     closer = psnr(restored, gt) > psnr(lq, gt)
     quality = [(group[0], group[1]), (group[0], group[2]), (group[2][closer], group[1][closer])]
     quality += [(group[0], group[3 + j]) for j in range(len(fresh))]
     hacks = [(group[2], group[3 + len(fresh) + j]) for j in range(len(HACKS))]
-    return torch.cat(images), _stack_pairs(quality), _stack_pairs(hacks)
+    pairs = [_stack_pairs(quality), _stack_pairs(hacks)]
+    if detail:
+        pairs.append(_stack_pairs([(group[0], group[-2]), (group[-1], group[2])]))
+    return torch.cat(images), *pairs
 
 
 def _stack_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
