@@ -36,6 +36,12 @@ def format_table(metrics: dict) -> str:
             cells = [f"{m} {f['diff']:+.4g} [{f['lo']:+.4g}, {f['hi']:+.4g}] "
                      f"{verdict(f, metrics['higher_is_better'][m])}" for m, f in figures.items()]
             lines.append(f"  {row:<14}" + ";  ".join(cells))
+    if metrics.get("gt_above_sft"):
+        lines += ["", "Share of patches each no-reference judge scores GT better than SFT (under 0.5: its "
+                  "RL-vs-SFT figure on that task is no evidence)"]
+        for metric, rates in metrics["gt_above_sft"].items():
+            low = ", ".join(f"{t} {r:.2f}" for t, r in rates.items() if t != "overall" and r < 0.5)
+            lines.append(f"  {metric:<14}overall {rates['overall']:.2f}" + (f";  under 0.5: {low}" if low else ""))
     for name, block in metrics.get("benchmarks", {}).items():
         lines += ["", f"Benchmark '{name}' ({block['path']}):", format_table(block)]
     return "\n".join(lines)

@@ -182,7 +182,21 @@ def summarise(scored: Scored, tasks: list[str], judges: Judges, seed: int = 0) -
         metrics["vs_sft"][row][REALISM] = realism.interval(scored.statistics[row], scored.statistics["sft"], halves)
     if compared:
         metrics["per_task_vs_sft"] = per_task_vs_sft(scored, tasks, compared, metrics["per_task"], seed)
+    if "gt" in per_image and "sft" in per_image:
+        metrics["gt_above_sft"] = gt_above_sft(per_image, task_of, metrics["higher_is_better"])
     return metrics
+
+
+def gt_above_sft(per_image: dict, task_of: np.ndarray, higher_is_better: dict) -> dict:
+    """For each no-reference metric, the share of patches it scores GT better than SFT's output,
+    overall and per task. Where a judge does not rank GT above SFT on most of a task's patches,
+    its RL-against-SFT figure there is no evidence of better images."""
+    out = {}
+    for metric, gt in per_image["gt"].items():
+        better = (gt - per_image["sft"][metric]) * (1 if higher_is_better[metric] else -1) > 0
+        out[metric] = {"overall": round(float(better.float().mean()), 4)} | {
+            t: round(float(better[torch.from_numpy(task_of == t)].float().mean()), 4) for t in sorted(set(task_of))}
+    return out
 
 
 def per_task_vs_sft(scored: Scored, tasks: list[str], compared: list[str], per_task: dict, seed: int) -> dict:

@@ -42,6 +42,27 @@ def test_every_row_but_lq_sft_and_gt_is_judged_against_sft(prepared_smoke):
     assert metrics["higher_is_better"]["gmsd"] is False
 
 
+def test_the_share_of_patches_a_judge_ranks_gt_above_sft_reads_its_direction():
+    """Per no-reference metric, overall and per task; PIQE is lower-is-better. The table names
+    the tasks under one half."""
+    per_image = {"gt": {"judge": torch.tensor([3.0, 1, 2, 2]), "piqe": torch.tensor([10.0, 50, 50, 50])},
+                 "sft": {"judge": torch.tensor([1.0, 2, 1, 1]), "piqe": torch.tensor([20.0, 20, 20, 20])}}
+    rates = scoring.gt_above_sft(per_image, np.array(["a", "a", "b", "b"]), {"judge": True, "piqe": False})
+    assert rates == {"judge": {"overall": 0.75, "a": 0.5, "b": 1.0}, "piqe": {"overall": 0.25, "a": 0.5, "b": 0.0}}
+    table = evaluate_record.format_table({"higher_is_better": {}, "n_test": 4, "overall": {}, "gt_above_sft": rates})
+    assert "  judge         overall 0.75\n" in table + "\n" and "piqe          overall 0.25;  under 0.5: b 0.00" in table
+
+
+def test_evaluate_reports_how_often_each_judge_ranks_gt_above_sft(prepared_smoke):
+    test = load_split(prepared_smoke / "data/prepared", "test")
+    sft = (test.lq_full + test.gt) / 2
+    metrics = scoring.score_outputs({"lq": test.lq_full, "sft": sft, "rl": sft}, test, ["psnr"], ["piqe"])
+    tasks = sorted(set(test.tasks))
+    assert set(metrics["gt_above_sft"]) == {"piqe"} and list(metrics["gt_above_sft"]["piqe"]) == ["overall", *tasks]
+    assert 0 <= metrics["gt_above_sft"]["piqe"]["overall"] <= 1
+    assert "gt_above_sft" in evaluate.split_headline(metrics)[1]
+
+
 @pytest.fixture(scope="module")
 def bigger_test_split(tmp_path_factory):
     """The smoke images with 64 test patches (about 9 per task)."""

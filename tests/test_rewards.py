@@ -1,7 +1,5 @@
 """Reward scorers: orientation, composites, NaN guard, hack controls, the learned model's io."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -14,7 +14,9 @@ so a row "improves" a metric only when its interval clears zero.
 Output: `metrics/evaluate.json` (DVC metrics, the headline: the overall SFT and RL rows, RL's
 mean difference from SFT per metric and the verdict of its interval for PSNR, reward, judge and
 realism), `metrics/evaluate_detail.json` (everything: every row overall and per task, every row
-against SFT with its interval, overall and per task), `plots/eval_grid.png`
+against SFT with its interval, overall and per task, and per no-reference metric the share of
+patches it scores GT better than SFT: where a judge does not, its RL figure is no evidence),
+`plots/eval_grid.png`
 (LQ | SFT | RL | GT, labelled), the perception-distortion picture `plots/frontier.csv` and
 `.png` (SFT and RL across sampler settings, the controls as points), and the same in an MLflow
 run. The split is streamed: a DataLoader reads it batch by batch, and each batch is restored and
