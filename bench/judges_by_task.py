@@ -8,10 +8,12 @@ the test split (or the benchmark folder NAME of `evaluate.benchmarks`) with SFT 
 `evaluate.sampling`, as `evaluate` does (bench/realism_by_group.py), and prints per task, for
 each model: the share of patches it scores GT above LQ, above SFT and above RL, and the mean
 score differences GT - SFT and RL - SFT. A judge that scores SFT above GT on a task cannot tell
-whether RL improved it there. With --edits, per task: realism (x 100, lower is closer to GT) and
-each model's mean score change from SFT for GT, RL and edits of SFT: its brightness matched to
-GT's by a gain or by an offset, its fine detail (5x5 binomial high-pass) replaced by GT's, and
-its high-pass scaled by 0.8 (a mild smoothing). Prints figures only.
+whether RL improved it there. With --edits, per task: realism (as `evaluate` reports it; lower
+is closer to GT) and each model's mean score change from SFT for GT, RL and edits of SFT: its
+brightness matched to GT's by a gain or by an offset, its fine detail (5x5 binomial high-pass)
+replaced by GT's, and its high-pass scaled by 0.8 (a mild smoothing). The restorations' noise
+is drawn per batch, so a --tasks subset restores its patches differently from the whole set.
+Prints figures only.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def main() -> None:
         print(f"| {task} | {len(r)} | " + " | ".join(cells) + " |")
     if not args.edits:
         return
-    print("\n| task | image | realism x100 | " + " | ".join(f"{m} - SFT" for m in models) + " |")
+    print("\n| task | image | realism | " + " | ".join(f"{m} - SFT" for m in models) + " |")
     print("|---|---|---|" + "---|" * len(models))
     for task in tasks:
         r = rows[task]
@@ -85,7 +87,7 @@ def main() -> None:
             for name, image in {"sft": sft, **edits(gt, sft, outputs["rl"][r])}.items():
                 image = image.clamp(-1, 1)
                 change = [f"{float((model(image) - base[m]).mean()):+.3f}" for m, model in models.items()]
-                print(f"| {task} | {name} | {100 * realism.distance(statistics(image)):.2f} | " + " | ".join(change) + " |")
+                print(f"| {task} | {name} | {realism.distance(statistics(image)):.3f} | " + " | ".join(change) + " |")
 
 
 if __name__ == "__main__":
