@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from realism_by_group import restored
+from realism_by_group import data_arguments, restored
 
 from pipeline.errors import UserError
 from pipeline.models.reward_model import RewardModel, high_pass
@@ -43,11 +43,7 @@ def edits(gt: torch.Tensor, sft: torch.Tensor, rl: torch.Tensor) -> dict[str, to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None)
-    parser.add_argument("--benchmark", default=None, help="a name in evaluate.benchmarks; default the test split")
-    parser.add_argument("--tasks", nargs="*", default=None, help="default every task")
+    parser = data_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--edits", action="store_true", help="also the edits table")
     args = parser.parse_args()
     paths = Paths(Path("."))

@@ -32,12 +32,17 @@ def mean_luma(images: torch.Tensor) -> float:
     return float(luma(images).mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options `restored` reads: the params file, a profile, a benchmark and the tasks."""
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None)
     parser.add_argument("--benchmark", default=None, help="a name in evaluate.benchmarks; default the test split")
     parser.add_argument("--tasks", nargs="*", default=None, help="default every task")
+    return parser
+
+
+def main() -> None:
+    parser = data_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args()
     try:
         data, outputs = restored(args)
